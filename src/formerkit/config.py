@@ -1,0 +1,245 @@
+"""ModelConfig: one typed, validated description of every model formerkit builds.
+
+A handful of enumerated fields (``kind``, ``position``, ``norm``, ``activation``, ``head``)
+select the architecture; the rest are sizes and switches. Presets name well-known shapes;
+``from_hf``/``to_hf`` translate Hugging Face ``config.json`` dictionaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from formerkit.errors import ConfigError, did_you_mean
+
+Kind = Literal["decoder", "encoder", "encoder-decoder"]
+Position = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
+Norm = Literal["layernorm", "rmsnorm"]
+NormPlacement = Literal["pre", "post"]
+Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
+Head = Literal["lm", "mlm", "classifier", "none"]
+Pooling = Literal["mean", "cls", "last", "max"]
+AttnBackend = Literal["sdpa", "eager"]
+
+
+@dataclass
+class ModelConfig:
+    """The architecture and sizes of one Transformer.
+
+    ``kind`` picks decoder-only (GPT, Llama), encoder-only (BERT) or encoder-decoder
+    (the original Transformer, T5, BART). For encoder-decoder models ``n_layers`` is the
+    encoder depth and ``n_decoder_layers`` the decoder depth (``None``: same as encoder).
+    """
+
+    kind: Kind = "decoder"
+    vocab_size: int = 50257
+    d_model: int = 768
+    n_layers: int = 12
+    n_decoder_layers: int | None = None
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # None: same as n_heads (MHA); 1: MQA; between: GQA
+    d_head: int | None = None  # None: d_model // n_heads
+    d_ff: int = 3072
+    max_seq_len: int = 1024
+
+    position: Position = "learned"
+    rope_theta: float = 10000.0
+    rotary_fraction: float = 1.0  # share of each head's dims that RoPE rotates
+
+    norm: Norm = "layernorm"
+    norm_bias: bool = True
+    norm_eps: float = 1e-5
+    norm_placement: NormPlacement = "pre"
+    final_norm: bool = True
+
+    activation: Activation = "gelu_tanh"
+    gated: bool = False  # SwiGLU with activation="silu", GeGLU with "gelu"/"gelu_tanh"
+
+    qkv_bias: bool = True
+    out_bias: bool = True
+    mlp_bias: bool = True
+    tie_embeddings: bool = True
+    parallel_block: bool = False  # x + attn(norm(x)) + mlp(norm(x)), GPT-J / PaLM style
+    qk_norm: bool = False  # normalize each head's queries and keys before attention
+    sliding_window: int | None = None  # a token sees at most this many positions back
+    attn_scale: float | None = None  # None: 1 / sqrt(d_head)
+
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    embed_dropout: float = 0.0
+
+    embed_scale: bool = False  # multiply token embeddings by sqrt(d_model) (Vaswani et al.)
+    embed_norm: bool = False  # normalize the summed embeddings (BERT)
+    type_vocab_size: int = 0  # segment (token type) embeddings; 0: none
+
+    head: Head = "lm"
+    num_labels: int = 2
+    pooler: bool = False  # BERT's dense + tanh over the first token
+    pooling: Pooling = "mean"  # how embed() and the classifier reduce a sequence
+    pad_token_id: int | None = None
+    attn_backend: AttnBackend = "sdpa"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # ---- derived sizes -------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head."""
+        return self.d_head if self.d_head is not None else self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (equal to n_heads for plain multi-head attention)."""
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        """Decoder depth of an encoder-decoder model."""
+        return self.n_decoder_layers if self.n_decoder_layers is not None else self.n_layers
+
+    @property
+    def rotary_dim(self) -> int:
+        """Number of dims per head that RoPE rotates."""
+        return int(self.head_dim * self.rotary_fraction)
+
+    # ---- construction --------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Build a config from a plain dict, rejecting unknown keys with a suggestion."""
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ConfigError(
+                    f'unknown config field "{key}"{did_you_mean(key, known)}; '
+                    f"valid fields: {', '.join(sorted(known))}"
+                )
+        return cls(**values)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """Build a named preset (see ``formerkit.presets.PRESETS``), with fields overridden."""
+        from formerkit.presets import PRESETS
+
+        if name not in PRESETS:
+            raise ConfigError(
+                f'unknown preset "{name}"{did_you_mean(name, PRESETS)}; '
+                f"available presets: {', '.join(sorted(PRESETS))}"
+            )
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> ModelConfig:
+        """Read a config from a JSON file path or a JSON string."""
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            text = path.read_text()
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config is not valid JSON: {err}") from err
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as a JSON-serializable dict."""
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Serialize to JSON; also write it to ``path`` when one is given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """Return a copy with some fields changed (validated, unknown keys rejected)."""
+        return ModelConfig.from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def from_hf(cls, hf_config: dict[str, Any]) -> ModelConfig:
+        """Infer a config from a Hugging Face ``config.json`` dict (GPT-2, Llama family, BERT)."""
+        from formerkit.checkpoints.hf_config import config_from_hf
+
+        return config_from_hf(hf_config)
+
+    def to_hf(self) -> dict[str, Any]:
+        """Return the equivalent Hugging Face ``config.json`` dict, or raise ConfigError."""
+        from formerkit.checkpoints.hf_config import config_to_hf
+
+        return config_to_hf(self)
+
+
+def _choice(cfg: ModelConfig, name: str, literal: Any) -> None:
+    allowed = get_args(literal)
+    value = getattr(cfg, name)
+    if value not in allowed:
+        raise ConfigError(
+            f"{name}={value!r} is not supported{did_you_mean(str(value), allowed)}; "
+            f"choose one of {', '.join(map(repr, allowed))}"
+        )
+
+
+def _validate(cfg: ModelConfig) -> None:
+    for name, literal in [
+        ("kind", Kind), ("position", Position), ("norm", Norm),
+        ("norm_placement", NormPlacement), ("activation", Activation), ("head", Head),
+        ("pooling", Pooling), ("attn_backend", AttnBackend),
+    ]:
+        _choice(cfg, name, literal)
+    for name in ["vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "num_labels"]:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    for name in ["n_decoder_layers", "n_kv_heads", "d_head", "sliding_window"]:
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ConfigError(f"{name} must be a positive integer or null, got {value!r}")
+    if cfg.type_vocab_size < 0:
+        raise ConfigError(f"type_vocab_size must be >= 0, got {cfg.type_vocab_size}")
+    for name in ["attn_dropout", "resid_dropout", "embed_dropout"]:
+        value = getattr(cfg, name)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {value}")
+    if cfg.norm_eps <= 0:
+        raise ConfigError(f"norm_eps must be positive, got {cfg.norm_eps}")
+    if cfg.d_head is None and cfg.d_model % cfg.n_heads != 0:
+        raise ConfigError(
+            f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}; "
+            "change one of them or set d_head explicitly"
+        )
+    if cfg.n_heads % cfg.kv_heads != 0:
+        raise ConfigError(
+            f"n_heads={cfg.n_heads} is not a multiple of n_kv_heads={cfg.kv_heads}; "
+            "pick n_kv_heads that divides n_heads (1 for MQA, n_heads for MHA)"
+        )
+    if cfg.position == "rope":
+        if not 0.0 < cfg.rotary_fraction <= 1.0:
+            raise ConfigError(f"rotary_fraction must be in (0, 1], got {cfg.rotary_fraction}")
+        if cfg.head_dim % 2 != 0:
+            raise ConfigError(f"RoPE needs an even head size, but d_head={cfg.head_dim}; use an even d_head")
+        if cfg.rotary_dim < 2 or cfg.rotary_dim % 2 != 0:
+            raise ConfigError(
+                f"rotary_fraction={cfg.rotary_fraction} of d_head={cfg.head_dim} rotates "
+                f"{cfg.rotary_dim} dims; RoPE needs an even number >= 2"
+            )
+        if cfg.rope_theta <= 0:
+            raise ConfigError(f"rope_theta must be positive, got {cfg.rope_theta}")
+    if cfg.position == "sinusoidal" and cfg.d_model % 2 != 0:
+        raise ConfigError(f"sinusoidal positions need an even d_model, got {cfg.d_model}")
+    if cfg.parallel_block and cfg.norm_placement == "post":
+        raise ConfigError("parallel_block=True needs norm_placement='pre'")
+    if cfg.head == "lm" and cfg.kind == "encoder":
+        raise ConfigError("an encoder-only model cannot have a causal 'lm' head; use head='mlm'")
+    if cfg.head == "mlm" and cfg.kind != "encoder":
+        raise ConfigError(f"head='mlm' needs kind='encoder', got kind={cfg.kind!r}; use head='lm'")
+    if cfg.pad_token_id is not None and not 0 <= cfg.pad_token_id < cfg.vocab_size:
+        raise ConfigError(f"pad_token_id={cfg.pad_token_id} is outside the vocabulary [0, {cfg.vocab_size})")
+    if cfg.attn_scale is not None and cfg.attn_scale <= 0:
+        raise ConfigError(f"attn_scale must be positive, got {cfg.attn_scale}")

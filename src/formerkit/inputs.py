@@ -1,0 +1,76 @@
+"""Checks on what a user passes to a model, raising InputError with a precise message."""
+
+from __future__ import annotations
+
+import torch
+
+from formerkit.config import ModelConfig
+from formerkit.errors import InputError
+
+
+def check_ids(name: str, ids: torch.Tensor, cfg: ModelConfig) -> None:
+    """Require ``ids`` to be an integer (B, T) tensor with T >= 1 and values in the vocabulary."""
+    if not isinstance(ids, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dim() != 2:
+        raise InputError(
+            f"{name} must have shape (batch, seq_len), got {tuple(ids.shape)}; "
+            "add a batch dimension with ids.unsqueeze(0)"
+        )
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise InputError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.shape[1] == 0:
+        raise InputError(f"{name} is empty (seq_len 0); pass at least one token")
+    if torch.compiler.is_compiling():
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= cfg.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise InputError(
+            f"{name} contains token id {bad}, outside the vocabulary [0, {cfg.vocab_size}); "
+            "check that the tokenizer matches the model"
+        )
+
+
+def check_mask(name: str, mask: torch.Tensor | None, ids: torch.Tensor) -> None:
+    """Require a padding mask to match its ids' (B, T) shape and hold only 0 and 1."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise InputError(
+            f"{name} must have the same shape as its ids {tuple(ids.shape)}, got {shape}; "
+            "pass 1 for real tokens and 0 for padding"
+        )
+    if not torch.compiler.is_compiling() and mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise InputError(f"{name} must contain only 0 (padding) and 1 (real token)")
+
+
+def check_positions(positions: torch.Tensor, cfg: ModelConfig) -> None:
+    """For learned position tables, require every position to be below max_seq_len."""
+    if cfg.position != "learned" or torch.compiler.is_compiling():
+        return
+    top = int(positions.max())
+    if top >= cfg.max_seq_len or int(positions.min()) < 0:
+        raise InputError(
+            f"sequence reaches position {top}, but this model's learned positions stop at "
+            f"max_seq_len={cfg.max_seq_len}; truncate the input to {cfg.max_seq_len} tokens"
+        )
+
+
+def check_labels(labels: torch.Tensor | None, expected: tuple[int, ...], what: str) -> None:
+    """Require ``labels`` to have the shape the head expects."""
+    if labels is not None and tuple(labels.shape) != expected:
+        raise InputError(f"labels must have shape {expected} for {what}, got {tuple(labels.shape)}")
+
+
+def check_token_types(token_type_ids: torch.Tensor, ids: torch.Tensor, cfg: ModelConfig) -> None:
+    """Require segment ids shaped like ``ids`` with values below type_vocab_size."""
+    if cfg.type_vocab_size == 0:
+        raise InputError("token_type_ids given, but this model has no token type embeddings (type_vocab_size=0)")
+    if tuple(token_type_ids.shape) != tuple(ids.shape):
+        raise InputError(f"token_type_ids must have shape {tuple(ids.shape)}, got {tuple(token_type_ids.shape)}")
+    if not torch.compiler.is_compiling() and (
+        int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= cfg.type_vocab_size
+    ):
+        raise InputError(f"token_type_ids must be in [0, {cfg.type_vocab_size})")

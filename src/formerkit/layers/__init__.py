@@ -1,0 +1,1 @@
+"""Building blocks of the Transformer, one concept per module."""

@@ -1,0 +1,128 @@
+"""Multi-head attention (MHA, GQA, MQA), self or cross, with sdpa and eager backends.
+
+The sdpa backend calls ``torch.nn.functional.scaled_dot_product_attention``; the eager
+backend materializes the attention probabilities so ``hook_pattern`` can see them. A model
+switches to eager on its own for any layer whose ``hook_pattern`` has a hook registered.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from formerkit.layers.hooks import HookPoint
+from formerkit.layers.norm import build_norm
+from formerkit.layers.position import apply_rotary
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention over ``n_heads`` query heads sharing ``n_kv_heads`` k/v heads.
+
+    Self-attention projects q, k, v from one fused ``qkv`` matrix; cross-attention projects
+    q from the decoder stream (``q``) and k, v from the encoder output (``kv``).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        d_head: int,
+        *,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        dropout: float = 0.0,
+        scale: float | None = None,
+        qk_norm: tuple[str, float, bool] | None = None,
+        cross: bool = False,
+        backend: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_head
+        self.dropout = dropout
+        self.scale = scale if scale is not None else d_head**-0.5
+        self.backend = backend
+        self.cross = cross
+        if cross:
+            self.q = nn.Linear(d_model, n_heads * d_head, bias=qkv_bias)
+            self.kv = nn.Linear(d_model, 2 * n_kv_heads * d_head, bias=qkv_bias)
+        else:
+            self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * d_head, bias=qkv_bias)
+        self.out = nn.Linear(n_heads * d_head, d_model, bias=out_bias)
+        if qk_norm is not None:
+            kind, eps, bias = qk_norm
+            self.q_norm = build_norm(kind, d_head, eps, bias)
+            self.k_norm = build_norm(kind, d_head, eps, bias)
+        else:
+            self.q_norm = self.k_norm = None
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
+        self.hook_pattern, self.hook_z = HookPoint(), HookPoint()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        bias: torch.Tensor | None = None,
+        is_causal: bool = False,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend from x (B, T, d_model) to itself, or to ``context`` (B, S, d_model) if cross.
+
+        rope: (cos, sin) for self-attention positions. bias: additive float mask broadcastable
+        to (B, H, T, S), or None. is_causal: apply a causal mask when ``bias`` is None.
+        Returns (B, T, d_model).
+        """
+        B, T, _ = x.shape
+        H, KV, D = self.n_heads, self.n_kv_heads, self.d_head
+        if self.cross:
+            if context is None:
+                raise ValueError("cross-attention needs the encoder output as `context`")
+            q = self.q(x)
+            k, v = self.kv(context).split([KV * D, KV * D], dim=-1)
+        else:
+            q, k, v = self.qkv(x).split([H * D, KV * D, KV * D], dim=-1)
+        S = k.shape[1]
+        q, k, v = q.view(B, T, H, D), k.view(B, S, KV, D), v.view(B, S, KV, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)  # (B, T|S, H|KV, D)
+        if rope is not None:
+            q = self.hook_rot_q(apply_rotary(q, *rope))
+            k = self.hook_rot_k(apply_rotary(k, *rope))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T|S, D)
+        if bias is not None and bias.dtype != q.dtype:
+            bias = bias.to(q.dtype).clamp(min=torch.finfo(q.dtype).min)
+        if self.backend == "eager" or self.hook_pattern.active:
+            z = self._eager(q, k, v, bias, is_causal)
+        else:
+            z = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=bias,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=is_causal and bias is None,
+                scale=self.scale,
+                enable_gqa=KV != H,
+            )  # (B, H, T, D)
+        z = self.hook_z(z.transpose(1, 2))  # (B, T, H, D)
+        return self.out(z.reshape(B, T, H * D))
+
+    def _eager(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
+        """Attention with explicit probabilities (B, H, T, S), passed through ``hook_pattern``."""
+        group = self.n_heads // self.n_kv_heads
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = (q @ k.transpose(-1, -2)).float() * self.scale  # (B, H, T, S)
+        if bias is not None:
+            scores = scores + bias.float()
+        elif is_causal:
+            T, S = scores.shape[-2:]
+            future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1)
+            scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+        pattern = self.hook_pattern(scores.softmax(dim=-1).to(v.dtype))
+        pattern = F.dropout(pattern, self.dropout, self.training)
+        return pattern @ v  # (B, H, T, D)

@@ -1,0 +1,80 @@
+"""One residual block: self-attention, optional cross-attention, feed-forward.
+
+Norm placement is pre-LN (``x + f(norm(x))``, GPT-2/Llama), post-LN (``norm(x + f(x))``,
+the original paper and BERT), or parallel (``x + attn(norm(x)) + mlp(norm(x))``, GPT-J).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from formerkit.config import ModelConfig
+from formerkit.layers.attention import Attention
+from formerkit.layers.feedforward import FeedForward
+from formerkit.layers.hooks import HookPoint
+from formerkit.layers.norm import build_norm
+
+
+class Block(nn.Module):
+    """A Transformer layer built from a config; ``cross`` adds encoder-decoder attention."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool = False) -> None:
+        super().__init__()
+        self.placement = "parallel" if cfg.parallel_block else cfg.norm_placement
+
+        def norm() -> nn.Module:
+            return build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias)
+
+        def attention(is_cross: bool) -> Attention:
+            return Attention(
+                cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim,
+                qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, dropout=cfg.attn_dropout,
+                scale=cfg.attn_scale,
+                qk_norm=(cfg.norm, cfg.norm_eps, cfg.norm_bias) if cfg.qk_norm else None,
+                cross=is_cross, backend=cfg.attn_backend,
+            )
+
+        self.ln1 = norm()
+        self.attn = attention(False)
+        self.ln_cross = norm() if cross else None
+        self.cross_attn = attention(True) if cross else None
+        self.ln2 = None if cfg.parallel_block else norm()
+        self.mlp = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.gated, cfg.mlp_bias)
+        self.dropout = nn.Dropout(cfg.resid_dropout)
+        self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
+        self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
+        self.hook_cross_attn_out, self.hook_resid_mid_cross = HookPoint(), HookPoint()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        bias: torch.Tensor | None = None,
+        is_causal: bool = False,
+        context: torch.Tensor | None = None,
+        context_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run the block on x (B, T, d_model); ``context`` is the encoder output for cross-attention."""
+        x = self.hook_resid_pre(x)
+        if self.placement == "parallel":
+            h = self.ln1(x)
+            attn = self.hook_attn_out(self.dropout(self.attn(h, rope=rope, bias=bias, is_causal=is_causal)))
+            mlp = self.hook_mlp_out(self.dropout(self.mlp(h)))
+            return self.hook_resid_post(x + attn + mlp)
+        pre = self.placement == "pre"
+
+        def residual(x: torch.Tensor, norm: nn.Module, fn, hook: HookPoint) -> torch.Tensor:
+            out = hook(self.dropout(fn(norm(x) if pre else x)))
+            return x + out if pre else norm(x + out)
+
+        x = residual(x, self.ln1, lambda h: self.attn(h, rope=rope, bias=bias, is_causal=is_causal),
+                     self.hook_attn_out)
+        x = self.hook_resid_mid(x)
+        if self.cross_attn is not None:
+            x = residual(x, self.ln_cross, lambda h: self.cross_attn(h, bias=context_bias, context=context),
+                         self.hook_cross_attn_out)
+            x = self.hook_resid_mid_cross(x)
+        x = residual(x, self.ln2, self.mlp, self.hook_mlp_out)
+        return self.hook_resid_post(x)

@@ -1,0 +1,44 @@
+"""Attention masks: causal, padding, sliding window and ALiBi folded into one additive bias."""
+
+from __future__ import annotations
+
+import torch
+
+from formerkit.layers.position import alibi_bias
+
+
+def attention_bias(
+    *,
+    dtype: torch.dtype,
+    q_len: int,
+    k_len: int,
+    causal: bool,
+    key_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    alibi: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor | None:
+    """Build the additive attention bias for one stack, or None when a plain causal flag will do.
+
+    key_mask: (B, Tk) with 1 for real tokens and 0 for padding. alibi: (slopes, q_pos, k_pos).
+    Query i sits at index k_len - q_len + i among the keys (queries are the last tokens).
+    Masked entries get the dtype's most negative finite value, so a row with nothing to
+    attend to yields a uniform (finite) distribution instead of NaN.
+    Returns (B or 1, H or 1, Tq, Tk) in ``dtype``, or None.
+    """
+    if key_mask is None and sliding_window is None and alibi is None:
+        return None
+    q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (Tq, 1)
+    k_idx = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        allowed &= k_idx <= q_idx
+    if sliding_window is not None:
+        allowed &= (q_idx - k_idx) < sliding_window
+    allowed = allowed[None, None]  # (1, 1, Tq, Tk)
+    if key_mask is not None:
+        allowed = allowed & key_mask.bool()[:, None, None, :]  # (B, 1, Tq, Tk)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    if alibi is not None:
+        bias = bias + alibi_bias(*alibi).to(dtype)  # (B, H, Tq, Tk)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)

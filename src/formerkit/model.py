@@ -1,0 +1,236 @@
+"""Transformer: embeddings -> stack(s) of blocks -> head, for all three kinds of model.
+
+A decoder-only or encoder-only model keeps its one stack's modules at the top level, so
+hook names read ``blocks.0.attn.hook_pattern`` as interpretability tooling expects. An
+encoder-decoder model has an ``encoder`` and a ``decoder`` stack with the same layout
+(``encoder.blocks.0...``, ``decoder.blocks.0.cross_attn...``) and one shared token table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from formerkit.config import ModelConfig
+from formerkit.errors import InputError
+from formerkit.heads import (
+    ClassifierHead,
+    LMHead,
+    Pooler,
+    causal_lm_loss,
+    classification_loss,
+    pool,
+    token_loss,
+)
+from formerkit.inputs import check_ids, check_labels, check_mask, check_positions, check_token_types
+from formerkit.layers.block import Block
+from formerkit.layers.hooks import HookPoint
+from formerkit.layers.masks import attention_bias
+from formerkit.layers.norm import build_norm
+from formerkit.layers.position import Rotary, alibi_slopes, sinusoidal
+
+
+@dataclass
+class ModelOutput:
+    """What a forward pass returns.
+
+    logits: (B, T, vocab) for LM heads, (B, num_labels) for classifiers, None without a head.
+    loss: scalar when labels were given. hidden_states: the last stack's output (B, T, d_model).
+    pooled: (B, d_model) from the pooler or classifier pooling, when there is one.
+    encoder_hidden_states: the encoder output of an encoder-decoder model.
+    """
+
+    logits: torch.Tensor | None
+    hidden_states: torch.Tensor
+    loss: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    encoder_hidden_states: torch.Tensor | None = None
+
+
+def _add_stack_modules(owner: nn.Module, cfg: ModelConfig, n_layers: int, *, cross: bool, types: bool) -> None:
+    """Give ``owner`` the modules of one stack: positions, embedding norm, blocks, final norm."""
+    owner.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+    owner.type_embed = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if types else None
+    owner.embed_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias) if cfg.embed_norm else None
+    owner.embed_dropout = nn.Dropout(cfg.embed_dropout)
+    owner.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta) if cfg.position == "rope" else None
+    if cfg.position == "alibi":
+        owner.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
+    else:
+        owner.alibi_slopes = None
+    owner.hook_embed, owner.hook_pos_embed = HookPoint(), HookPoint()
+    owner.blocks = nn.ModuleList(Block(cfg, cross=cross) for _ in range(n_layers))
+    owner.ln_final = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias) if cfg.final_norm else None
+
+
+def _run_stack(
+    owner: nn.Module,
+    cfg: ModelConfig,
+    tok_embeds: torch.Tensor,
+    *,
+    causal: bool,
+    mask: torch.Tensor | None,
+    positions: torch.Tensor,
+    token_type_ids: torch.Tensor | None = None,
+    context: torch.Tensor | None = None,
+    context_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run one stack on token embeddings (B, T, d_model); return its output (B, T, d_model)."""
+    x = owner.hook_embed(tok_embeds)
+    if owner.pos_embed is not None:
+        x = x + owner.hook_pos_embed(owner.pos_embed(positions))
+    elif cfg.position == "sinusoidal":
+        x = x + owner.hook_pos_embed(sinusoidal(positions, cfg.d_model).to(x.dtype))
+    if owner.type_embed is not None:
+        types = token_type_ids if token_type_ids is not None else torch.zeros_like(positions)
+        x = x + owner.type_embed(types)
+    if owner.embed_norm is not None:
+        x = owner.embed_norm(x)
+    x = owner.embed_dropout(x)
+
+    T = x.shape[1]
+    rope = owner.rotary(positions) if owner.rotary is not None else None
+    alibi = (owner.alibi_slopes, positions, positions) if owner.alibi_slopes is not None else None
+    bias = attention_bias(dtype=x.dtype, q_len=T, k_len=T, causal=causal, key_mask=mask,
+                          sliding_window=cfg.sliding_window, alibi=alibi, device=x.device)
+    context_bias = None
+    if context is not None and context_mask is not None:
+        context_bias = attention_bias(dtype=x.dtype, q_len=T, k_len=context.shape[1], causal=False,
+                                      key_mask=context_mask, device=x.device)
+    for block in owner.blocks:
+        x = block(x, rope=rope, bias=bias, is_causal=causal, context=context, context_bias=context_bias)
+    return owner.ln_final(x) if owner.ln_final is not None else x
+
+
+class Stack(nn.Module):
+    """The encoder or the decoder of an encoder-decoder model."""
+
+    def __init__(self, cfg: ModelConfig, n_layers: int, *, cross: bool) -> None:
+        super().__init__()
+        self.cfg = cfg
+        _add_stack_modules(self, cfg, n_layers, cross=cross, types=False)
+
+    def forward(self, tok_embeds: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Run the stack on token embeddings (B, T, d_model); see ``_run_stack`` for arguments."""
+        return _run_stack(self, self.cfg, tok_embeds, **kwargs)
+
+
+class Transformer(nn.Module):
+    """Any formerkit model: decoder-only, encoder-only or encoder-decoder, chosen by ``cfg.kind``.
+
+    Call it as ``model(input_ids, attention_mask=..., labels=...)``; encoder-decoder models
+    also take ``decoder_input_ids`` (and ``decoder_attention_mask``) like the reference library.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        cfg = self.config = config
+        self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=None)
+        if cfg.kind == "encoder-decoder":
+            self.encoder = Stack(cfg, cfg.n_layers, cross=False)
+            self.decoder = Stack(cfg, cfg.decoder_layers, cross=True)
+        else:
+            _add_stack_modules(self, cfg, cfg.n_layers, cross=False, types=cfg.type_vocab_size > 0)
+        self.pooler = Pooler(cfg.d_model) if cfg.pooler else None
+        self.lm_head = self.classifier = None
+        if cfg.head in ("lm", "mlm"):
+            transform = (cfg.activation, cfg.norm, cfg.norm_eps, cfg.norm_bias) if cfg.head == "mlm" else None
+            self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=cfg.head == "mlm", transform=transform)
+        elif cfg.head == "classifier":
+            self.classifier = ClassifierHead(cfg.d_model, cfg.num_labels, cfg.resid_dropout)
+        self.apply(self._init_weights)
+        for name, param in self.named_parameters():
+            if name.endswith(("attn.out.weight", "mlp.fc_out.weight")):
+                n_total = cfg.n_layers + (cfg.decoder_layers if cfg.kind == "encoder-decoder" else 0)
+                nn.init.normal_(param, std=cfg.init_std / math.sqrt(2 * n_total))
+        if self.lm_head is not None and cfg.tie_embeddings:
+            self.lm_head.proj.weight = self.tok_embed.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.tok_embed(ids)  # (B, T, d_model)
+        return x * math.sqrt(self.config.d_model) if self.config.embed_scale else x
+
+    def _positions(self, ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        elif tuple(position_ids.shape) != tuple(ids.shape):
+            raise InputError(f"position_ids must have shape {tuple(ids.shape)}, got {tuple(position_ids.shape)}")
+        check_positions(position_ids, self.config)
+        return position_ids  # (B, T)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        labels: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """Run the model and its head.
+
+        input_ids: (B, T) token ids (the source, for encoder-decoder models).
+        attention_mask: (B, T) 1 for real tokens, 0 for padding.
+        labels: next-token targets (B, T) for causal LM (shifted inside, as in the reference
+        library); per-position targets for masked LM and for encoder-decoder models
+        (aligned with decoder_input_ids); class ids (B,) for classifiers. -100 is ignored.
+        Returns a ModelOutput.
+        """
+        cfg = self.config
+        check_ids("input_ids", input_ids, cfg)
+        check_mask("attention_mask", attention_mask, input_ids)
+        positions = self._positions(input_ids, position_ids)
+        if cfg.kind == "encoder-decoder":
+            return self._forward_seq2seq(input_ids, attention_mask, positions, labels,
+                                         decoder_input_ids, decoder_attention_mask)
+        if token_type_ids is not None:
+            check_token_types(token_type_ids, input_ids, cfg)
+        hidden = _run_stack(self, cfg, self._embed_tokens(input_ids), causal=cfg.kind == "decoder",
+                            mask=attention_mask, positions=positions, token_type_ids=token_type_ids)
+        return self._head(hidden, attention_mask, labels)
+
+    def _forward_seq2seq(self, src, src_mask, src_positions, labels, tgt, tgt_mask) -> ModelOutput:
+        if tgt is None:
+            raise InputError("an encoder-decoder model needs decoder_input_ids (the target prefix)")
+        check_ids("decoder_input_ids", tgt, self.config)
+        check_mask("decoder_attention_mask", tgt_mask, tgt)
+        memory = self.encoder(self._embed_tokens(src), causal=False, mask=src_mask, positions=src_positions)
+        hidden = self.decoder(self._embed_tokens(tgt), causal=True, mask=tgt_mask,
+                              positions=self._positions(tgt, None), context=memory, context_mask=src_mask)
+        out = self._head(hidden, tgt_mask, labels)
+        out.encoder_hidden_states = memory
+        return out
+
+    def _head(self, hidden: torch.Tensor, mask: torch.Tensor | None, labels: torch.Tensor | None) -> ModelOutput:
+        cfg = self.config
+        pooled = self.pooler(hidden) if self.pooler is not None else None
+        logits = loss = None
+        if self.lm_head is not None:
+            logits = self.lm_head(hidden)  # (B, T, vocab)
+            if labels is not None:
+                check_labels(labels, tuple(logits.shape[:2]), "a language-model head")
+                causal = cfg.kind == "decoder"
+                loss = causal_lm_loss(logits, labels) if causal else token_loss(logits, labels)
+        elif self.classifier is not None:
+            if pooled is None:
+                pooled = pool(hidden, mask, cfg.pooling)
+            logits = self.classifier(pooled)  # (B, num_labels)
+            if labels is not None:
+                check_labels(labels, (hidden.shape[0],), "a classifier head")
+                loss = classification_loss(logits, labels)
+        return ModelOutput(logits=logits, hidden_states=hidden, loss=loss, pooled=pooled)

@@ -1,0 +1,89 @@
+"""Named model shapes. Each preset is a plain dict of ModelConfig fields (data, not code)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_VASWANI = {
+    "kind": "encoder-decoder",
+    "vocab_size": 37000,  # shared source/target BPE vocabulary of the paper's En-De setup
+    "position": "sinusoidal",
+    "norm": "layernorm",
+    "norm_placement": "post",
+    "final_norm": False,
+    "norm_eps": 1e-6,
+    "activation": "relu",
+    "embed_scale": True,
+    "tie_embeddings": True,
+    "max_seq_len": 1024,
+}
+
+_GPT2 = {
+    "kind": "decoder",
+    "vocab_size": 50257,
+    "max_seq_len": 1024,
+    "position": "learned",
+    "norm": "layernorm",
+    "norm_placement": "pre",
+    "norm_eps": 1e-5,
+    "activation": "gelu_tanh",
+    "tie_embeddings": True,
+    "attn_dropout": 0.1,
+    "resid_dropout": 0.1,
+    "embed_dropout": 0.1,
+}
+
+_BERT = {
+    "kind": "encoder",
+    "vocab_size": 30522,
+    "max_seq_len": 512,
+    "position": "learned",
+    "norm": "layernorm",
+    "norm_placement": "post",
+    "final_norm": False,
+    "norm_eps": 1e-12,
+    "activation": "gelu",
+    "embed_norm": True,
+    "type_vocab_size": 2,
+    "tie_embeddings": True,
+    "pad_token_id": 0,
+    "attn_dropout": 0.1,
+    "resid_dropout": 0.1,
+    "embed_dropout": 0.1,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "vaswani-base": {**_VASWANI, "d_model": 512, "n_heads": 8, "d_ff": 2048, "n_layers": 6,
+                     "n_decoder_layers": 6, "attn_dropout": 0.1, "resid_dropout": 0.1,
+                     "embed_dropout": 0.1},
+    "vaswani-big": {**_VASWANI, "d_model": 1024, "n_heads": 16, "d_ff": 4096, "n_layers": 6,
+                    "n_decoder_layers": 6, "attn_dropout": 0.3, "resid_dropout": 0.3,
+                    "embed_dropout": 0.3},
+    "gpt2": {**_GPT2, "d_model": 768, "n_layers": 12, "n_heads": 12, "d_ff": 3072},
+    "gpt2-medium": {**_GPT2, "d_model": 1024, "n_layers": 24, "n_heads": 16, "d_ff": 4096},
+    "bert-base": {**_BERT, "d_model": 768, "n_layers": 12, "n_heads": 12, "d_ff": 3072,
+                  "head": "mlm"},
+    "minilm-l6": {**_BERT, "d_model": 384, "n_layers": 6, "n_heads": 12, "d_ff": 1536,
+                  "head": "none", "pooler": True, "pooling": "mean"},
+    "llama": {
+        "kind": "decoder",
+        "vocab_size": 32000,
+        "d_model": 512,
+        "n_layers": 8,
+        "n_heads": 8,
+        "n_kv_heads": 2,
+        "d_ff": 1376,
+        "max_seq_len": 2048,
+        "position": "rope",
+        "rope_theta": 10000.0,
+        "norm": "rmsnorm",
+        "norm_bias": False,
+        "norm_eps": 1e-5,
+        "activation": "silu",
+        "gated": True,
+        "qkv_bias": False,
+        "out_bias": False,
+        "mlp_bias": False,
+        "tie_embeddings": False,
+    },
+}
