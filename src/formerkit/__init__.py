@@ -1,8 +1,11 @@
 """formerkit: the Transformer and its families as one small, tested PyTorch library."""
 
+from formerkit.checkpoints import from_pretrained, save_pretrained
 from formerkit.config import ModelConfig
+from formerkit.embed import embed
 from formerkit.errors import CheckpointError, ConfigError, FormerkitError, InputError
 from formerkit.model import ModelOutput, Transformer
+from formerkit.tokenizers import HFTokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
@@ -10,8 +13,13 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "FormerkitError",
+    "HFTokenizer",
     "InputError",
     "ModelConfig",
     "ModelOutput",
     "Transformer",
+    "embed",
+    "from_pretrained",
+    "load_tokenizer",
+    "save_pretrained",
 ]

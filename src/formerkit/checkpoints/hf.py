@@ -1,0 +1,93 @@
+"""Load and write Hugging Face checkpoint directories through the tables in ``hf_maps``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from formerkit.checkpoints.files import write_json, write_safetensors
+from formerkit.checkpoints.hf_config import config_to_hf
+from formerkit.checkpoints.hf_maps import BASE_PREFIX, IGNORED, expand
+from formerkit.config import ModelConfig
+from formerkit.errors import CheckpointError
+
+
+def _split_sizes(cfg: ModelConfig, n_parts: int) -> list[int]:
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    return [q, kv, kv] if n_parts == 3 else [kv, kv]
+
+
+def state_from_hf(cfg: ModelConfig, family: str, hf_state: dict[str, torch.Tensor],
+                  model_state: dict[str, torch.Tensor], tied: set[str]) -> dict[str, torch.Tensor]:
+    """Translate a HF state dict into formerkit names, checked against the model's own tensors.
+
+    ``tied`` names model tensors that alias another (the tied output projection): they are
+    neither loaded nor reported missing. Raises CheckpointError listing every missing,
+    unexpected and mis-shaped tensor.
+    """
+    prefix = BASE_PREFIX[family]
+    theirs = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in hf_state.items()}
+    used: set[str] = set()
+    out: dict[str, torch.Tensor] = {}
+    missing, shapes = [], []
+    for ours, names, transform, _ in expand(family, cfg.n_layers):
+        if ours not in model_state or ours in tied:
+            used.update(n for n in names if ours in tied)
+            continue
+        absent = [n for n in names if n not in theirs]
+        if absent:
+            missing.extend(absent)
+            continue
+        used.update(names)
+        parts = [theirs[n] for n in names]
+        tensor = parts[0].t() if transform == "t" else torch.cat(parts) if transform == "cat" else parts[0]
+        if tuple(tensor.shape) != tuple(model_state[ours].shape):
+            shapes.append(f"{' + '.join(names)}: checkpoint {tuple(tensor.shape)}, "
+                          f"model {tuple(model_state[ours].shape)}")
+            continue
+        out[ours] = tensor
+    uncovered = [k for k in model_state if k not in out and k not in tied]
+    ignored = [re.compile(p) for p in IGNORED[family]]
+    unexpected = [k for k in theirs if k not in used and not any(p.fullmatch(k) for p in ignored)]
+    problems = []
+    if missing:
+        problems.append(f"missing from the checkpoint: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected in the checkpoint: {', '.join(unexpected)}")
+    if shapes:
+        problems.append(f"wrong shapes: {'; '.join(shapes)}")
+    if not missing and not shapes and uncovered:
+        problems.append(f"not provided by the checkpoint: {', '.join(uncovered)}")
+    if problems:
+        raise CheckpointError(f"the {family} checkpoint does not match the model from its config.json — "
+                              + " | ".join(problems))
+    return out
+
+
+def state_to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], tied: set[str]) -> tuple[dict, dict]:
+    """Translate a formerkit state dict to (HF config dict, HF state dict)."""
+    hf_config = config_to_hf(cfg)
+    family = hf_config["model_type"]
+    prefix = BASE_PREFIX[family] if cfg.head != "none" else ""
+    out: dict[str, torch.Tensor] = {}
+    for ours, names, transform, is_head in expand(family, cfg.n_layers):
+        if ours not in state or ours in tied:
+            continue
+        tensor = state[ours]
+        if transform == "t":
+            parts = [tensor.t()]
+        elif transform == "cat":
+            parts = list(tensor.split(_split_sizes(cfg, len(names))))
+        else:
+            parts = [tensor]
+        for name, part in zip(names, parts, strict=True):
+            out[name if is_head else prefix + name] = part
+    return hf_config, out
+
+
+def write_hf_dir(directory: Path, hf_config: dict, hf_state: dict[str, torch.Tensor]) -> None:
+    """Write config.json and model.safetensors in the layout transformers reads."""
+    write_safetensors(directory / "model.safetensors", hf_state, {"format": "pt"})
+    write_json(directory / "config.json", hf_config)
