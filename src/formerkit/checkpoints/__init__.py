@@ -15,7 +15,7 @@ from formerkit.checkpoints.files import read_json, read_weights, write_json, wri
 from formerkit.checkpoints.hf import state_from_hf, state_to_hf, write_hf_dir
 from formerkit.checkpoints.hf_config import family_of
 from formerkit.config import ModelConfig
-from formerkit.errors import CheckpointError, ConfigError
+from formerkit.errors import CheckpointError, ConfigError, InputError
 from formerkit.model import Transformer
 
 NATIVE_CONFIG = "formerkit_config.json"
@@ -121,5 +121,5 @@ def save_pretrained(model: Transformer, path: str | Path, format: Literal["nativ
         hf_config, hf_state = state_to_hf(model.config, state, tied)
         write_hf_dir(directory, hf_config, hf_state)
     else:
-        raise ValueError(f'format must be "native" or "hf", got {format!r}')
+        raise InputError(f'format must be "native" or "hf", got {format!r}')
     return directory

