@@ -83,7 +83,7 @@ def _print_similarities(sentences: list[str], vectors: torch.Tensor) -> None:
     for i, sentence in enumerate(sentences):
         row = " ".join(f"{s:5.2f}" for s in sims[i].tolist())
         print(f"  [{i}] {row}  {sentence[:60]}")
-    for i, sentence in enumerate(sentences):
+    for i in range(len(sentences)):
         others = sims[i].clone()
         others[i] = -2
         j = int(others.argmax())

@@ -201,8 +201,16 @@ def _validate(cfg: ModelConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ConfigError(f"{name} must be a positive integer or null, got {value!r}")
-    if cfg.type_vocab_size < 0:
-        raise ConfigError(f"type_vocab_size must be >= 0, got {cfg.type_vocab_size}")
+    if not isinstance(cfg.type_vocab_size, int) or isinstance(cfg.type_vocab_size, bool) or cfg.type_vocab_size < 0:
+        raise ConfigError(f"type_vocab_size must be an integer >= 0, got {cfg.type_vocab_size!r}")
+    for name in ["rope_theta", "rotary_fraction", "norm_eps", "attn_dropout", "resid_dropout", "embed_dropout",
+                 "init_std"]:
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+    scale = cfg.attn_scale
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
+        raise ConfigError(f"attn_scale must be a number or null, got {cfg.attn_scale!r}")
     for name in ["attn_dropout", "resid_dropout", "embed_dropout"]:
         value = getattr(cfg, name)
         if not 0.0 <= value < 1.0:

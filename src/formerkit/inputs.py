@@ -58,18 +58,43 @@ def check_positions(positions: torch.Tensor, cfg: ModelConfig) -> None:
         )
 
 
-def check_labels(labels: torch.Tensor | None, expected: tuple[int, ...], what: str) -> None:
-    """Require ``labels`` to have the shape the head expects."""
-    if labels is not None and tuple(labels.shape) != expected:
-        raise InputError(f"labels must have shape {expected} for {what}, got {tuple(labels.shape)}")
+def check_labels(
+    labels: torch.Tensor | None,
+    expected: tuple[int, ...],
+    what: str,
+    *,
+    num_classes: int | None = None,
+    integer: bool = False,
+) -> None:
+    """Require ``labels`` to have the shape the head expects.
+
+    integer: require an integer dtype. num_classes: require values in [0, num_classes) or -100.
+    """
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != expected:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise InputError(f"labels must have shape {expected} for {what}, got {shape}")
+    if integer and (labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex()):
+        raise InputError(f"labels must hold integer class ids for {what}, got dtype {labels.dtype}")
+    if num_classes is not None and labels.numel() and not torch.compiler.is_compiling():
+        valid = (labels == -100) | ((labels >= 0) & (labels < num_classes))
+        if not bool(valid.all()):
+            bad = labels[~valid][0].item()
+            raise InputError(
+                f"labels contain {bad}, outside [0, {num_classes}) for {what}; use -100 to ignore a position"
+            )
 
 
 def check_token_types(token_type_ids: torch.Tensor, ids: torch.Tensor, cfg: ModelConfig) -> None:
     """Require segment ids shaped like ``ids`` with values below type_vocab_size."""
     if cfg.type_vocab_size == 0:
         raise InputError("token_type_ids given, but this model has no token type embeddings (type_vocab_size=0)")
-    if tuple(token_type_ids.shape) != tuple(ids.shape):
-        raise InputError(f"token_type_ids must have shape {tuple(ids.shape)}, got {tuple(token_type_ids.shape)}")
+    if not isinstance(token_type_ids, torch.Tensor) or tuple(token_type_ids.shape) != tuple(ids.shape):
+        shape = tuple(token_type_ids.shape) if isinstance(token_type_ids, torch.Tensor) else type(token_type_ids)
+        raise InputError(f"token_type_ids must have shape {tuple(ids.shape)}, got {shape}")
+    if token_type_ids.dtype.is_floating_point or token_type_ids.dtype == torch.bool or token_type_ids.is_complex():
+        raise InputError(f"token_type_ids must hold integer segment ids, got dtype {token_type_ids.dtype}")
     if not torch.compiler.is_compiling() and (
         int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= cfg.type_vocab_size
     ):

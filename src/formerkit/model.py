@@ -223,7 +223,8 @@ class Transformer(nn.Module):
         if self.lm_head is not None:
             logits = self.lm_head(hidden)  # (B, T, vocab)
             if labels is not None:
-                check_labels(labels, tuple(logits.shape[:2]), "a language-model head")
+                check_labels(labels, tuple(logits.shape[:2]), "a language-model head",
+                             num_classes=cfg.vocab_size, integer=True)
                 causal = cfg.kind == "decoder"
                 loss = causal_lm_loss(logits, labels) if causal else token_loss(logits, labels)
         elif self.classifier is not None:
@@ -231,6 +232,7 @@ class Transformer(nn.Module):
                 pooled = pool(hidden, mask, cfg.pooling)
             logits = self.classifier(pooled)  # (B, num_labels)
             if labels is not None:
-                check_labels(labels, (hidden.shape[0],), "a classifier head")
+                check_labels(labels, (hidden.shape[0],), "a classifier head",
+                             num_classes=cfg.num_labels if cfg.num_labels > 1 else None)
                 loss = classification_loss(logits, labels)
         return ModelOutput(logits=logits, hidden_states=hidden, loss=loss, pooled=pooled)
