@@ -247,6 +247,12 @@ def _validate(cfg: ModelConfig) -> None:
         raise ConfigError("an encoder-only model cannot have a causal 'lm' head; use head='mlm'")
     if cfg.head == "mlm" and cfg.kind != "encoder":
         raise ConfigError(f"head='mlm' needs kind='encoder', got kind={cfg.kind!r}; use head='lm'")
+    if cfg.type_vocab_size and cfg.kind == "encoder-decoder":
+        raise ConfigError("type_vocab_size applies to single-stack models; set it to 0 for an encoder-decoder")
+    if cfg.init_std <= 0:
+        raise ConfigError(f"init_std must be positive, got {cfg.init_std}")
+    if cfg.pad_token_id is not None and (not isinstance(cfg.pad_token_id, int) or isinstance(cfg.pad_token_id, bool)):
+        raise ConfigError(f"pad_token_id must be an integer or null, got {cfg.pad_token_id!r}")
     if cfg.pad_token_id is not None and not 0 <= cfg.pad_token_id < cfg.vocab_size:
         raise ConfigError(f"pad_token_id={cfg.pad_token_id} is outside the vocabulary [0, {cfg.vocab_size})")
     if cfg.attn_scale is not None and cfg.attn_scale <= 0:

@@ -72,7 +72,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None, mode: str) -> torch.Te
     """Reduce hidden (B, T, D) to (B, D) over the real tokens marked 1 in mask (B, T).
 
     mode: 'mean' (average of real tokens), 'cls' (first token), 'last' (last real token),
-    'max' (elementwise max over real tokens).
+    'max' (elementwise max over real tokens). A row without real tokens pools to zeros.
     """
     if mask is None:
         mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
@@ -82,8 +82,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None, mode: str) -> torch.Te
         last = mask.long().cumsum(-1).argmax(-1)  # index of the last 1 in each row
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     weights = mask.to(hidden.dtype)[..., None]  # (B, T, 1)
-    if mode == "max":
-        return hidden.masked_fill(weights == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
+    if mode == "max":  # a row with no real token pools to zeros, as 'mean' does
+        return hidden.masked_fill(weights == 0, torch.finfo(hidden.dtype).min).amax(dim=1) * (weights.sum(1) > 0)
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
 
 

@@ -7,6 +7,8 @@ import torch
 from formerkit.config import ModelConfig
 from formerkit.errors import InputError
 
+INDEX_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding accepts as indices
+
 
 def check_ids(name: str, ids: torch.Tensor, cfg: ModelConfig) -> None:
     """Require ``ids`` to be an integer (B, T) tensor with T >= 1 and values in the vocabulary."""
@@ -17,10 +19,12 @@ def check_ids(name: str, ids: torch.Tensor, cfg: ModelConfig) -> None:
             f"{name} must have shape (batch, seq_len), got {tuple(ids.shape)}; "
             "add a batch dimension with ids.unsqueeze(0)"
         )
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
-        raise InputError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-    if ids.shape[1] == 0:
-        raise InputError(f"{name} is empty (seq_len 0); pass at least one token")
+    if ids.dtype not in INDEX_DTYPES:
+        raise InputError(
+            f"{name} must hold integer token ids, got dtype {ids.dtype}; use torch.long (ids.long())"
+        )
+    if ids.numel() == 0:
+        raise InputError(f"{name} is empty (shape {tuple(ids.shape)}); pass at least one sequence of one token")
     if torch.compiler.is_compiling():
         return
     lo, hi = int(ids.min()), int(ids.max())
@@ -47,7 +51,9 @@ def check_mask(name: str, mask: torch.Tensor | None, ids: torch.Tensor) -> None:
 
 
 def check_positions(positions: torch.Tensor, cfg: ModelConfig) -> None:
-    """For learned position tables, require every position to be below max_seq_len."""
+    """Require integer positions; for learned position tables, every one below max_seq_len."""
+    if positions.dtype not in INDEX_DTYPES:
+        raise InputError(f"position_ids must hold integer positions, got dtype {positions.dtype}")
     if cfg.position != "learned" or torch.compiler.is_compiling():
         return
     top = int(positions.max())
@@ -93,7 +99,7 @@ def check_token_types(token_type_ids: torch.Tensor, ids: torch.Tensor, cfg: Mode
     if not isinstance(token_type_ids, torch.Tensor) or tuple(token_type_ids.shape) != tuple(ids.shape):
         shape = tuple(token_type_ids.shape) if isinstance(token_type_ids, torch.Tensor) else type(token_type_ids)
         raise InputError(f"token_type_ids must have shape {tuple(ids.shape)}, got {shape}")
-    if token_type_ids.dtype.is_floating_point or token_type_ids.dtype == torch.bool or token_type_ids.is_complex():
+    if token_type_ids.dtype not in INDEX_DTYPES:
         raise InputError(f"token_type_ids must hold integer segment ids, got dtype {token_type_ids.dtype}")
     if not torch.compiler.is_compiling() and (
         int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= cfg.type_vocab_size

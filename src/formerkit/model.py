@@ -195,6 +195,11 @@ class Transformer(nn.Module):
         check_ids("input_ids", input_ids, cfg)
         check_mask("attention_mask", attention_mask, input_ids)
         positions = self._positions(input_ids, position_ids)
+        if labels is not None and cfg.head == "none":
+            raise InputError("labels given, but this model has no head to compute a loss (head='none')")
+        if cfg.kind != "encoder-decoder" and (decoder_input_ids is not None or decoder_attention_mask is not None):
+            raise InputError(f"decoder_input_ids/decoder_attention_mask are for encoder-decoder models; "
+                             f"this is a {cfg.kind}-only model")
         if cfg.kind == "encoder-decoder":
             return self._forward_seq2seq(input_ids, attention_mask, positions, labels,
                                          decoder_input_ids, decoder_attention_mask)

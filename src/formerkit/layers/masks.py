@@ -21,6 +21,8 @@ def attention_bias(
     """Build the additive attention bias for one stack, or None when a plain causal flag will do.
 
     key_mask: (B, Tk) with 1 for real tokens and 0 for padding. alibi: (slopes, q_pos, k_pos).
+    sliding_window: a causal query sees the last ``sliding_window`` keys (itself included); a
+    bidirectional one sees keys less than ``sliding_window`` positions away on either side.
     Query i sits at index k_len - q_len + i among the keys (queries are the last tokens).
     Masked entries get the dtype's most negative finite value, so a row with nothing to
     attend to yields a uniform (finite) distribution instead of NaN.
@@ -33,8 +35,9 @@ def attention_bias(
     allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
     if causal:
         allowed &= k_idx <= q_idx
-    if sliding_window is not None:
-        allowed &= (q_idx - k_idx) < sliding_window
+    if sliding_window is not None:  # causal: look back only; bidirectional: a band around i
+        distance = q_idx - k_idx if causal else (q_idx - k_idx).abs()
+        allowed &= distance < sliding_window
     allowed = allowed[None, None]  # (1, 1, Tq, Tk)
     if key_mask is not None:
         allowed = allowed & key_mask.bool()[:, None, None, :]  # (B, 1, Tq, Tk)
