@@ -36,7 +36,8 @@ def embed(
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     mode = pooling or model.config.pooling
-    limit = min(max_length or tokenizer.max_length or model.config.max_seq_len, model.config.max_seq_len)
+    default = tokenizer.max_length or model.config.max_seq_len
+    limit = min(default if max_length is None else max_length, model.config.max_seq_len)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

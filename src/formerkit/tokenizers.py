@@ -66,7 +66,7 @@ class HFTokenizer:
         """
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise InputError("batch expects a list of str")
-        rows = self._encode(list(texts), add_special_tokens, max_length or self.max_length)
+        rows = self._encode(list(texts), add_special_tokens, self.max_length if max_length is None else max_length)
         width = max((len(r) for r in rows), default=0)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -77,6 +77,10 @@ class HFTokenizer:
 
     def _encode(self, texts: list[str], add_special_tokens: bool, max_length: int | None) -> list[list[int]]:
         if max_length is not None:
+            # the Rust library ignores a limit too small for the special tokens and returns the text untruncated
+            needed = max(1, self._tok.num_special_tokens_to_add(False) if add_special_tokens else 0)
+            if not isinstance(max_length, int) or max_length < needed:
+                raise InputError(f"max_length must be an integer >= {needed}, got {max_length!r}")
             self._tok.enable_truncation(max_length)
         try:
             return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
@@ -108,9 +112,12 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def load_tokenizer(path: str | Path) -> HFTokenizer:
