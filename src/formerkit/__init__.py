@@ -3,7 +3,7 @@
 from formerkit.checkpoints import from_pretrained, save_pretrained
 from formerkit.config import ModelConfig
 from formerkit.embed import embed
-from formerkit.errors import CheckpointError, ConfigError, FormerkitError, InputError
+from formerkit.errors import CheckpointError, ConfigError, DataError, FormerkitError, InputError, TrainingError
 from formerkit.model import ModelOutput, Transformer
 from formerkit.tokenizers import HFTokenizer, load_tokenizer
 
@@ -12,11 +12,13 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "DataError",
     "FormerkitError",
     "HFTokenizer",
     "InputError",
     "ModelConfig",
     "ModelOutput",
+    "TrainingError",
     "Transformer",
     "embed",
     "from_pretrained",

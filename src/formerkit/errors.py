@@ -26,6 +26,14 @@ class InputError(FormerkitError, ValueError):
     """A tensor or value passed to a model or helper has the wrong shape, type or range."""
 
 
+class DataError(FormerkitError, ValueError):
+    """A data source is missing, empty, unreadable, binary, or malformed."""
+
+
+class TrainingError(FormerkitError, RuntimeError):
+    """Training cannot go on: a non-finite loss, or a run directory that does not match."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean "x"?)' for the closest choice to ``name``, or '' if none is close."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
