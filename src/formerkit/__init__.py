@@ -5,11 +5,21 @@ from formerkit.config import ModelConfig
 from formerkit.embed import embed
 from formerkit.errors import CheckpointError, ConfigError, DataError, FormerkitError, InputError, TrainingError
 from formerkit.model import ModelOutput, Transformer
-from formerkit.tokenizers import HFTokenizer, load_tokenizer
+from formerkit.tokenizers import (
+    ByteTokenizer,
+    CharTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    build_tokenizer,
+    load_tokenizer,
+    train_bpe,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ByteTokenizer",
+    "CharTokenizer",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -18,10 +28,13 @@ __all__ = [
     "InputError",
     "ModelConfig",
     "ModelOutput",
+    "Tokenizer",
     "TrainingError",
     "Transformer",
+    "build_tokenizer",
     "embed",
     "from_pretrained",
     "load_tokenizer",
     "save_pretrained",
+    "train_bpe",
 ]

@@ -121,6 +121,40 @@ def cmd_demo(args: argparse.Namespace) -> None:
     _print_similarities(DEMO_SENTENCES, fk.embed(model, tokenizer, DEMO_SENTENCES))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train a model as the config file and ``--section.key value`` overrides say; report where results are."""
+    from formerkit.train import TrainConfig, train
+
+    cfg = TrainConfig.load(args.config, args.overrides)
+    result = train(cfg)
+    if result.checkpoint is None:
+        return
+    print(f"\nstep {result.step}/{cfg.train.steps}" + (f" ({result.stopped})" if result.stopped else ""))
+    if result.train_loss is not None:
+        print(f"train loss {result.train_loss:.4f}")
+    if result.val:
+        print("validation " + ", ".join(f"{k} {v:.4f}" for k, v in result.val.items()))
+    for i, text in enumerate(result.samples):
+        print(f"\n--- sample {i + 1} ---\n{text}")
+    print(f"\ncheckpoint:  {result.checkpoint}  (formerkit sample --checkpoint {result.run_dir} --prompt ...)")
+    print(f"metrics:     {result.run_dir / 'metrics.jsonl'} and {result.run_dir / 'tensorboard'}")
+    if result.loss_curve is not None:
+        print(f"loss curve:  {result.loss_curve}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    """Print sampled continuations of a prompt from a causal LM checkpoint or run directory."""
+    from formerkit.sampling import sample_text
+
+    model = fk.from_pretrained(args.checkpoint)
+    tokenizer = fk.load_tokenizer(args.checkpoint)
+    for i in range(args.num_samples):
+        seed = None if args.seed is None else args.seed + i
+        text = sample_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k or None, seed=seed)
+        print(text if args.num_samples == 1 else f"--- sample {i + 1} ---\n{text}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``formerkit`` command."""
     parser = argparse.ArgumentParser(prog="formerkit", description="Build, load, convert and use Transformers.")
@@ -151,6 +185,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["native", "hf"], default="native", help="format to write")
     p.set_defaults(func=cmd_convert)
 
+    from formerkit.train.config import options_help
+
+    p = sub.add_parser("train", help="train a model (default: a small GPT on the Python standard library)",
+                       description="Train a model. Options come from --config FILE (YAML sections) and then "
+                                   "--section.key value overrides; the resolved config is saved in the run directory.",
+                       epilog=options_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file with sections model, data, train, optim, eval, checkpoint, log")
+    p.set_defaults(func=cmd_train, takes_overrides=True)
+
+    p = sub.add_parser("sample", help="sample text from a causal LM checkpoint (a quick look, no KV cache)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory or training run directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--num-samples", type=int, default=1, help="how many samples")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    p.set_defaults(func=cmd_sample)
+
     p = sub.add_parser("demo", help="build the presets and embed sentences with the bundled MiniLM checkpoint")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -158,7 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the process exit code (2 for a user error)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.overrides = rest
     try:
         args.func(args)
     except FormerkitError as err:

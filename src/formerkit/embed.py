@@ -8,13 +8,13 @@ import torch.nn.functional as F
 from formerkit.errors import InputError
 from formerkit.heads import pool
 from formerkit.model import Transformer
-from formerkit.tokenizers import HFTokenizer
+from formerkit.tokenizers import Tokenizer
 
 
 @torch.no_grad()
 def embed(
     model: Transformer,
-    tokenizer: HFTokenizer,
+    tokenizer: Tokenizer,
     sentences: str | list[str],
     *,
     batch_size: int = 32,

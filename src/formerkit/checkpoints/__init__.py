@@ -22,7 +22,8 @@ NATIVE_CONFIG = "formerkit_config.json"
 _ST_POOLING = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
                "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "last"}
 
-__all__ = ["NATIVE_CONFIG", "from_pretrained", "save_pretrained", "tied_names"]
+__all__ = ["NATIVE_CONFIG", "from_pretrained", "load_weights_into", "resolve_checkpoint_dir", "save_pretrained",
+           "tied_names"]
 
 
 def tied_names(model: torch.nn.Module) -> set[str]:
@@ -37,7 +38,8 @@ def tied_names(model: torch.nn.Module) -> set[str]:
     return tied
 
 
-def _load_state(model: Transformer, state: dict[str, torch.Tensor], source: Path) -> None:
+def load_weights_into(model: Transformer, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy ``state`` (formerkit names) into ``model``, or raise CheckpointError listing every mismatch."""
     own = model.state_dict()
     tied = tied_names(model)
     missing = [k for k in own if k not in state and k not in tied]
@@ -62,6 +64,20 @@ def _sentence_transformers_pooling(directory: Path) -> str | None:
     return modes[0] if len(modes) == 1 else None
 
 
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint directory ``path`` names: itself, or a training run's latest checkpoint."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    pointer = directory / "checkpoints" / "latest"
+    if pointer.is_file() and not (directory / NATIVE_CONFIG).is_file():
+        latest = directory / "checkpoints" / pointer.read_text().strip()
+        if not latest.is_dir():
+            raise CheckpointError(f"{pointer} names {latest.name}, which does not exist")
+        return latest
+    return directory
+
+
 def from_pretrained(
     path: str | Path,
     *,
@@ -74,15 +90,13 @@ def from_pretrained(
     safetensors with an index, or ``pytorch_model.bin`` (read with ``weights_only=True``).
     GPT-2, the Llama family (Llama, Mistral, Qwen2, Qwen3) and BERT are understood; a
     sentence-transformers pooling config beside the weights sets ``config.pooling``.
-    Returns the model in eval mode.
+    A training run directory loads its latest checkpoint. Returns the model in eval mode.
     """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    directory = resolve_checkpoint_dir(path)
     if (directory / NATIVE_CONFIG).is_file():
         cfg = ModelConfig.from_dict(read_json(directory / NATIVE_CONFIG))
         model = Transformer(cfg)
-        _load_state(model, read_weights(directory), directory)
+        load_weights_into(model, read_weights(directory), directory)
     elif (directory / "config.json").is_file():
         hf_config = read_json(directory / "config.json")
         try:
@@ -95,7 +109,7 @@ def from_pretrained(
         model = Transformer(cfg)
         tied = tied_names(model)
         state = state_from_hf(cfg, family_of(cfg), read_weights(directory), model.state_dict(), tied)
-        _load_state(model, state, directory)
+        load_weights_into(model, state, directory)
     else:
         raise CheckpointError(f"{directory} has neither {NATIVE_CONFIG} (formerkit) nor config.json "
                               "(Hugging Face); point at the directory a checkpoint was saved to")

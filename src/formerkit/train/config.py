@@ -1,0 +1,275 @@
+"""TrainConfig: every option of a training run, in sections, from YAML plus command-line overrides.
+
+Each section is a dataclass whose fields carry a help text; ``formerkit train --help`` lists
+them all as ``--section.key``. The model section is open: any ModelConfig field may be set
+there next to ``preset``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from formerkit.config import ModelConfig
+from formerkit.errors import ConfigError, did_you_mean
+
+
+def _opt(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: json.loads(json.dumps(default)), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataSection:
+    """Where the text comes from and how it becomes tokens."""
+
+    source: str | None = _opt(None, "text file, directory, glob or .jsonl; empty: the Python standard library's source")
+    text_field: str = _opt("text", "JSONL field holding the text")
+    label_field: str = _opt("label", "JSONL field holding the class label (objective=classify)")
+    tokenizer: str = _opt("bpe", "byte | char | bpe | path to a tokenizer.json or saved tokenizer dir")
+    vocab_size: int = _opt(8192, "BPE vocabulary size when training a BPE tokenizer")
+    val_fraction: float = _opt(0.05, "share of documents held out for validation")
+    cache_dir: str | None = _opt(None, "token cache directory (default: ~/.cache/formerkit/tokens)")
+
+
+@dataclass
+class TrainSection:
+    """The loop itself."""
+
+    objective: str = _opt("causal", "causal | mlm | classify")
+    steps: int = _opt(1000, "optimizer steps to train for")
+    max_minutes: float | None = _opt(None, "stop (with a checkpoint) after this many minutes")
+    batch_size: int = _opt(16, "sequences per optimizer step, across all processes and micro-steps")
+    grad_accum: int = _opt(1, "micro-steps per optimizer step (no gradient all-reduce between them)")
+    seq_len: int = _opt(256, "tokens per training window (max length for classify)")
+    precision: str = _opt("bf16", "bf16 (autocast, fp32 master weights) | fp32")
+    compile: bool = _opt(False, "torch.compile the model")
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    seed: int = _opt(0, "seed for initialization, data order, dropout and masking")
+    mlm_probability: float = _opt(0.15, "share of tokens masked for objective=mlm (80% mask, 10% random, 10% kept)")
+    fsdp: bool = _opt(False, "shard parameters and optimizer state with FSDP (under torchrun)")
+
+
+@dataclass
+class OptimSection:
+    """AdamW and its schedule."""
+
+    lr: float = _opt(1e-3, "peak learning rate")
+    min_lr_ratio: float = _opt(0.1, "final learning rate as a share of the peak (cosine decay)")
+    warmup_steps: int = _opt(100, "linear warmup steps")
+    weight_decay: float = _opt(0.1, "AdamW weight decay (not applied to norms, biases, embeddings)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    eps: float = _opt(1e-8, "AdamW epsilon")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)")
+
+
+@dataclass
+class EvalSection:
+    """Periodic validation."""
+
+    every: int = _opt(200, "evaluate every N steps (and at the end)")
+    batches: int = _opt(20, "validation batches per evaluation")
+
+
+@dataclass
+class CheckpointSection:
+    """Where the run lives and how often it is saved."""
+
+    run_dir: str = _opt("runs/default", "run directory: checkpoints, metrics, loss curve, resolved config")
+    every: int = _opt(500, "save a checkpoint every N steps (and at the end)")
+    keep: int = _opt(2, "checkpoints to keep")
+    resume: bool = _opt(True, "resume from the run directory's latest checkpoint when there is one")
+
+
+@dataclass
+class LogSection:
+    """What is reported while training."""
+
+    every: int = _opt(10, "log train metrics every N steps")
+    progress: bool = _opt(True, "show a progress bar")
+    tensorboard: bool = _opt(True, "write TensorBoard event files")
+    samples: int = _opt(3, "text samples printed at the end (causal LM)")
+    sample_tokens: int = _opt(120, "tokens per sample")
+
+
+_DEFAULT_MODEL = {"preset": "gpt2", "n_layers": 6, "d_model": 320, "n_heads": 5, "d_ff": 1280,
+                  "max_seq_len": 256, "attn_dropout": 0.0, "resid_dropout": 0.0, "embed_dropout": 0.0}
+
+SECTIONS = {"data": DataSection, "train": TrainSection, "optim": OptimSection, "eval": EvalSection,
+            "checkpoint": CheckpointSection, "log": LogSection}
+
+
+@dataclass
+class TrainConfig:
+    """A whole run: model (preset + ModelConfig fields), data, train, optim, eval, checkpoint, log."""
+
+    model: dict[str, Any] = field(default_factory=lambda: dict(_DEFAULT_MODEL))
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from nested dicts, rejecting unknown sections and keys with a suggestion."""
+        kwargs: dict[str, Any] = {}
+        for name, content in values.items():
+            if name == "model":
+                kwargs["model"] = dict(content or {})
+                continue
+            if name not in SECTIONS:
+                raise ConfigError(f'unknown config section "{name}"{did_you_mean(name, [*SECTIONS, "model"])}')
+            section = SECTIONS[name]
+            known = {f.name for f in fields(section)}
+            for key in content or {}:
+                if key not in known:
+                    raise ConfigError(f'unknown option "{name}.{key}"{did_you_mean(key, known)}')
+            kwargs[name] = section(**_coerce(name, section, content or {}))
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+        """Read a YAML (or JSON) file, then apply ``--section.key value`` overrides."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            try:
+                values = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path} is not valid YAML: {err}") from err
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path} must hold a mapping of sections")
+        merged = {"model": dict(_DEFAULT_MODEL), **{k: v for k, v in values.items() if k != "model"}}
+        if "model" in values:
+            merged["model"] = dict(values["model"] or {})
+            merged["model"].setdefault("preset", _DEFAULT_MODEL["preset"])
+        for key, value in parse_overrides(overrides or []).items():
+            section, _, name = key.partition(".")
+            merged.setdefault(section, {})
+            if not isinstance(merged[section], dict):
+                raise ConfigError(f'"{section}" must be a section')
+            merged[section][name] = value
+        return cls.from_dict(merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as nested plain dicts (what is saved as the run's resolved config)."""
+        return dataclasses.asdict(self)
+
+    def model_config(self, vocab_size: int, num_labels: int | None = None) -> ModelConfig:
+        """The ModelConfig of this run, with the tokenizer's vocabulary (and label count) filled in."""
+        values = dict(self.model)
+        preset = values.pop("preset", None)
+        values["vocab_size"] = vocab_size
+        if num_labels is not None:
+            values["num_labels"] = num_labels
+        if preset:
+            return ModelConfig.from_preset(preset, **values)
+        return ModelConfig.from_dict(values)
+
+
+def _coerce(name: str, section: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Read numbers YAML left as strings (YAML 1.1 reads ``3e-4`` as text) for the float fields."""
+    out = dict(values)
+    for f in fields(section):
+        value = out.get(f.name)
+        if isinstance(value, str) and "float" in str(f.type):
+            try:
+                out[f.name] = float(value)
+            except ValueError as err:
+                raise ConfigError(f"{name}.{f.name} must be a number, got {value!r}") from err
+    return out
+
+
+def _scalar(text: str) -> Any:
+    """A command-line value: int, float, or whatever YAML makes of it (true, null, lists, strings)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn ``["--train.steps", "100", "--log.progress=false"]`` into {"train.steps": 100, ...}.
+
+    Values are numbers when they parse as numbers, else YAML scalars (true/false, null, lists) or strings.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f'expected an option like --train.steps 100, got "{arg}"')
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or (args[i + 1].startswith("--") and "." in args[i + 1]):
+                raise ConfigError(f"option --{key} needs a value")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        out[key] = _scalar(value)
+    return out
+
+
+def _validate(cfg: TrainConfig) -> None:
+    t, o = cfg.train, cfg.optim
+    choices = {"train.objective": (t.objective, ("causal", "mlm", "classify")),
+               "train.precision": (t.precision, ("bf16", "fp32"))}
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}{did_you_mean(str(value), allowed)}")
+    for name, value in [("train.steps", t.steps), ("train.batch_size", t.batch_size),
+                        ("train.grad_accum", t.grad_accum), ("train.seq_len", t.seq_len),
+                        ("eval.every", cfg.eval.every), ("eval.batches", cfg.eval.batches),
+                        ("checkpoint.every", cfg.checkpoint.every), ("checkpoint.keep", cfg.checkpoint.keep),
+                        ("log.every", cfg.log.every), ("data.vocab_size", cfg.data.vocab_size)]:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
+    if not 0 < o.lr < 1:
+        raise ConfigError(f"optim.lr must be in (0, 1), got {o.lr}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
+        raise ConfigError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    if not 0 < t.mlm_probability < 1:
+        raise ConfigError(f"train.mlm_probability must be in (0, 1), got {t.mlm_probability}")
+    if t.max_minutes is not None and t.max_minutes <= 0:
+        raise ConfigError(f"train.max_minutes must be positive, got {t.max_minutes}")
+    known = {f.name for f in fields(ModelConfig)} | {"preset"}
+    for key in cfg.model:
+        if key not in known:
+            raise ConfigError(f'unknown option "model.{key}"{did_you_mean(key, known)}')
+
+
+def options_help() -> str:
+    """One line per option, ``--section.key (default): help``, for ``formerkit train --help``."""
+    lines = ["model options: --model.preset NAME (default gpt2) and any ModelConfig field, e.g. --model.n_layers 4;",
+             f"  defaults: {json.dumps(_DEFAULT_MODEL)}"]
+    for name, section in SECTIONS.items():
+        lines.append(f"{name} options ({section.__doc__.strip()}):")
+        for f in fields(section):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  --{name}.{f.name} (default {json.dumps(default)}): {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""Assembling a run: its tokenizer, its data and objective, and the model config they imply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from formerkit.config import ModelConfig
+from formerkit.data import TextSource, WindowBatches, load_corpus, load_labeled_jsonl
+from formerkit.errors import ConfigError, DataError
+from formerkit.tokenizers import build_tokenizer, load_tokenizer
+from formerkit.train.config import TrainConfig
+from formerkit.train.distributed import DistInfo, barrier
+from formerkit.train.objectives import CausalLM, Classification, MaskedLM
+
+DEFAULT_CACHE = Path.home() / ".cache" / "formerkit" / "tokens"
+
+
+def prepare_tokenizer(cfg: TrainConfig, run_dir: Path, resume_path: Path | None, source: TextSource | None,
+                      info: DistInfo):
+    """The run's tokenizer: the checkpoint's when resuming, else built once (on rank 0) and saved in the run."""
+    if resume_path is not None:
+        return load_tokenizer(resume_path)
+    saved = run_dir / "tokenizer"
+    if info.is_main:
+        if source is not None:
+            texts = source.documents
+        else:
+            data = load_labeled_jsonl(cfg.data.source, text_field=cfg.data.text_field,
+                                      label_field=cfg.data.label_field)
+            texts = lambda: iter(data.texts)  # noqa: E731
+        tokenizer = build_tokenizer(cfg.data.tokenizer, texts, vocab_size=cfg.data.vocab_size)
+        tokenizer.save(saved)
+    barrier(info)
+    return load_tokenizer(saved)
+
+
+def _model_config(cfg: TrainConfig, vocab_size: int, num_labels: int | None = None) -> ModelConfig:
+    """The run's ModelConfig, with the head (and kind) its objective needs unless the user chose them."""
+    objective = cfg.train.objective
+    needs = {"causal": {"head": "lm"}, "mlm": {"kind": "encoder", "head": "mlm"},
+             "classify": {"head": "classifier"}}[objective]
+    values = {**needs, **cfg.model}
+    for key, value in needs.items():
+        if values[key] != value:
+            raise ConfigError(f"train.objective={objective} needs model.{key}={value}, got {values[key]!r}")
+    if objective == "mlm":
+        values.setdefault("norm_placement", "pre")
+    if objective == "classify" and values.get("kind", "decoder") == "decoder":
+        values.setdefault("pooling", "last")
+    merged = TrainConfig.from_dict({**cfg.to_dict(), "model": values})
+    model_cfg = merged.model_config(vocab_size, num_labels)
+    if model_cfg.position == "learned" and model_cfg.max_seq_len < cfg.train.seq_len:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}; "
+                          "raise --model.max_seq_len or lower --train.seq_len")
+    return model_cfg
+
+
+def build_objective(cfg: TrainConfig, tokenizer, source: TextSource | None, info: DistInfo):
+    """Load the data for ``cfg.train.objective``; return (objective, ModelConfig)."""
+    t = cfg.train
+    eval_batch = t.batch_size  # the same windows whatever the accumulation or process count
+    if t.objective == "classify":
+        if not cfg.data.source:
+            raise ConfigError("train.objective=classify needs --data.source pointing at a JSONL file of "
+                              f"{{'{cfg.data.text_field}': ..., '{cfg.data.label_field}': ...}} records")
+        data = load_labeled_jsonl(cfg.data.source, text_field=cfg.data.text_field, label_field=cfg.data.label_field)
+        train, val = data.split(cfg.data.val_fraction, t.seed)
+        model_cfg = _model_config(cfg, tokenizer.vocab_size, num_labels=len(data.label_names))
+        objective = Classification(train.texts, torch.tensor(train.labels), val.texts, torch.tensor(val.labels),
+                                   tokenizer, t.seq_len, t.batch_size, info.rank, info.world_size, t.seed)
+        return objective, model_cfg
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else DEFAULT_CACHE
+    if info.is_main:
+        corpus = load_corpus(source, tokenizer, cache_dir=cache, val_fraction=cfg.data.val_fraction)
+    barrier(info)
+    if not info.is_main:
+        corpus = load_corpus(source, tokenizer, cache_dir=cache, val_fraction=cfg.data.val_fraction)
+    if len(corpus.val) < t.seq_len + 1:
+        raise DataError(f"the validation split has {len(corpus.val)} tokens, fewer than seq_len+1={t.seq_len + 1}; "
+                        "use more text, a larger --data.val_fraction or a smaller --train.seq_len")
+    model_cfg = _model_config(cfg, tokenizer.vocab_size)
+    windows = WindowBatches(corpus.train, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed,
+                            rank=info.rank, world_size=info.world_size)
+    if t.objective == "causal":
+        return CausalLM(windows, corpus.val, t.seq_len, eval_batch, cfg.eval.batches), model_cfg
+    if tokenizer.mask_id is None:
+        raise ConfigError("train.objective=mlm needs a tokenizer with a mask token")
+    special = torch.tensor([i for i in (tokenizer.pad_id, tokenizer.eos_id, tokenizer.mask_id) if i is not None])
+    objective = MaskedLM(windows, corpus.val, t.seq_len, eval_batch, cfg.eval.batches, t.mlm_probability,
+                         tokenizer.mask_id, tokenizer.vocab_size, special, t.seed)
+    return objective, model_cfg
