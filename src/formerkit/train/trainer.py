@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch import nn
 
 from formerkit.data import resolve_source
 from formerkit.errors import ConfigError, TrainingError
@@ -117,6 +118,32 @@ def _run(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     return result
 
 
+def accumulate_gradients(train_model: parallel.Wrapped, loss_fn, micro: list[dict], device: torch.device,
+                         autocast) -> torch.Tensor:
+    """Forward and backward every micro-batch of one step (all-reducing only after the last).
+
+    Each micro-batch's loss is divided by their number, so the gradients are those of the mean
+    over the step's batch. Returns that mean loss (a detached scalar tensor).
+    """
+    loss_sum = torch.zeros((), device=device)
+    for i, batch in enumerate(micro):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with parallel.maybe_no_sync(train_model, skip=i < len(micro) - 1):
+            with autocast():
+                loss = loss_fn(train_model, batch) / len(micro)
+            loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
+def apply_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
+    """Clip the gradients, take the optimizer step, clear them; return the norm before clipping."""
+    grad_norm = parallel.clip(model, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def _loop(cfg: TrainConfig, info: DistInfo, model: Transformer, train_model: parallel.Wrapped, optimizer, objective,
           tokenizer, autocast, logger: RunLogger, start: int, result: TrainResult) -> None:
     t = cfg.train
@@ -128,17 +155,9 @@ def _loop(cfg: TrainConfig, info: DistInfo, model: Transformer, train_model: par
         lr = lr_at(step, cfg.optim, t.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=info.device)
         micro = split_micro(objective.train_batch(step), t.grad_accum)
-        for i, batch in enumerate(micro):
-            batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
-            last = i == len(micro) - 1
-            with parallel.maybe_no_sync(train_model, skip=not last):
-                with autocast():
-                    loss = objective.loss(train_model, batch) / t.grad_accum
-                loss.backward()
-            loss_sum += loss.detach()
-            window_tokens += objective.tokens(batch) * info.world_size
+        window_tokens += sum(objective.tokens(b) for b in micro) * info.world_size
+        loss_sum = accumulate_gradients(train_model, objective.loss, micro, info.device, autocast)
         loss_value = mean_across(float(loss_sum), info)
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
@@ -146,9 +165,7 @@ def _loop(cfg: TrainConfig, info: DistInfo, model: Transformer, train_model: par
             raise TrainingError(f"the loss became {loss_value} at step {step + 1}; training stopped. The last good "
                                 f"checkpoint is {last_good or 'none (none was saved yet)'}; lower --optim.lr or "
                                 "check the data")
-        grad_norm = parallel.clip(model, cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = apply_gradients(model, optimizer, cfg.optim.grad_clip)
         step += 1
         result.step, result.train_loss = step, loss_value
         if step % cfg.log.every == 0 or step == t.steps:
