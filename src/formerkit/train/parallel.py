@@ -7,20 +7,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from formerkit.errors import ConfigError
 from formerkit.model import Transformer
 from formerkit.train.config import TrainConfig
 from formerkit.train.distributed import DistInfo
-
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 @dataclass
@@ -89,24 +82,63 @@ def clip(model: nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
-def optimizer_state(model: Transformer, optimizer: torch.optim.Optimizer, info: DistInfo) -> dict:
-    """The optimizer state to checkpoint: the whole (unsharded) state, keyed by parameter name."""
-    return get_optimizer_state_dict(model, optimizer, options=_FULL)
+def _reshard(model: nn.Module) -> None:
+    """Put a sharded model back in its sharded state.
+
+    FSDP leaves the root module's parameters gathered after a forward pass that no backward
+    follows (evaluation); the optimizer refers to the sharded ones.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
 
 
-def load_optimizer_state(model: Transformer, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Restore what ``optimizer_state`` saved (works sharded or not)."""
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
-                             options=StateDictOptions(full_state_dict=True))
+def _gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """A whole CPU copy of a tensor that may be sharded (every process must call this for a DTensor)."""
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu().clone()
+
+
+def _placed_like(saved: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``saved`` (a whole tensor) moved to ``param``'s device, and sharded like it when it is a DTensor."""
+    if isinstance(param, DTensor) and saved.dim() > 0:
+        return distribute_tensor(saved.to(param.device_mesh.device_type), param.device_mesh, param.placements)
+    return saved.to(param.device) if saved.dim() > 0 else saved
+
+
+def optimizer_state(model: Transformer, optimizer: torch.optim.Optimizer) -> dict:
+    """The whole (unsharded) optimizer state, keyed by parameter name, plus the group settings."""
+    _reshard(model)
+    names = {}
+    for name, param in model.named_parameters():
+        names.setdefault(id(param), name)
+    state = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if optimizer.state.get(param):
+                state[names[id(param)]] = {k: _gathered(v) for k, v in optimizer.state[param].items()}
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    return {"state": state, "groups": groups}
+
+
+def load_optimizer_state(model: Transformer, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Restore what ``optimizer_state`` saved, sharding it again where the parameters are sharded."""
+    params = dict(model.named_parameters())
+    for name, values in saved["state"].items():
+        param = params[name]
+        optimizer.state[param] = {k: _placed_like(v, param) for k, v in values.items()}
+    for group, settings in zip(optimizer.param_groups, saved["groups"], strict=True):
+        group.update(settings)
 
 
 def full_model(model: Transformer, info: DistInfo, cfg: TrainConfig) -> Transformer:
     """A model holding every weight, for rank 0 to save (a gathered copy when sharded)."""
     if not cfg.train.fsdp:
         return model
-    state = get_model_state_dict(model, options=_FULL)  # every process must take part
-    if not info.is_main:
-        return model
+    _reshard(model)
+    state = {name: _gathered(t) for name, t in model.state_dict().items()}  # every process takes part
     copy = Transformer(model.config)
-    copy.load_state_dict(state, strict=False)
+    copy.load_state_dict(state)
     return copy

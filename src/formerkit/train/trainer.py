@@ -181,7 +181,7 @@ def _loop(cfg: TrainConfig, info: DistInfo, model: Transformer, train_model: par
             result.val = objective.evaluate(train_model, info.device, autocast)
             logger.log_eval(step, result.val)
         if step % cfg.checkpoint.every == 0 or final:
-            state = {"step": step, "optimizer": parallel.optimizer_state(model, optimizer, info),
+            state = {"step": step, "optimizer": parallel.optimizer_state(model, optimizer),
                      "rng": rng_state(), "config": cfg.to_dict()}
             weights_model = parallel.full_model(model, info, cfg)
             if info.is_main:
