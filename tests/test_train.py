@@ -67,6 +67,21 @@ def test_causal_run_learns_and_writes_everything(tmp_path):
     assert len(result.samples) == 1 and isinstance(result.samples[0], str)
 
 
+def test_sample_command_reads_a_run_directory(tmp_path, capsys):
+    from formerkit.cli import main
+
+    train(config(tmp_path, steps=20))
+    capsys.readouterr()
+    args = ["sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "def ", "--max-new-tokens", "12",
+            "--seed", "3"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first and first.startswith("def ")  # seeded: reproducible
+    assert main([*args[:-2], "--temperature", "-1"]) == 2
+    assert "temperature" in capsys.readouterr().err
+
+
 def test_resume_continues_where_it_stopped(tmp_path):
     train(config(tmp_path, steps=20))
     more = train(config(tmp_path, steps=30))

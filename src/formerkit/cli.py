@@ -100,7 +100,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.format} checkpoint to {out}")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+def cmd_tour(args: argparse.Namespace) -> None:
     """Build every preset, then embed sentences with the real all-MiniLM-L6-v2 checkpoint."""
     print("== presets: one ModelConfig, many architectures ==")
     for name in sorted(PRESETS):
@@ -204,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("demo", help="build the presets and embed sentences with the bundled MiniLM checkpoint")
-    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("tour", help="build every preset, then embed sentences with the real MiniLM checkpoint")
+    p.set_defaults(func=cmd_tour)
     return parser
 
 

@@ -150,6 +150,9 @@ def _loop(cfg: TrainConfig, info: DistInfo, model: Transformer, train_model: par
     started = time.monotonic()
     window_tokens, window_start = 0, time.monotonic()
     step = start
+    if step >= t.steps:  # a finished run: report where it stands
+        train_model.eval()
+        result.val = objective.evaluate(train_model, info.device, autocast)
     while step < t.steps:
         train_model.train()
         lr = lr_at(step, cfg.optim, t.steps)
