@@ -230,3 +230,14 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
         assert a[step] == b[step], f"step {step}: {a[step]!r} != {b[step]!r}"
     va, vb = losses(tmp_path / "straight", "val"), losses(tmp_path / "killed", "val")
     assert va[150] == vb[150]
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(tmp_path):
+    eager = train(config(tmp_path / "eager", steps=6))
+    compiled = train(config(tmp_path / "compiled", "--train.compile", "true", steps=6))
+    le, lc = losses(tmp_path / "eager" / "run"), losses(tmp_path / "compiled" / "run")
+    for step in range(1, 7):
+        assert abs(le[step] - lc[step]) < 1e-3
+    assert abs(eager.val["loss"] - compiled.val["loss"]) < 1e-3
+    fk.from_pretrained(tmp_path / "compiled" / "run")  # the checkpoint holds plain (uncompiled) names
