@@ -36,14 +36,19 @@ def check_ids(name: str, ids: torch.Tensor, cfg: ModelConfig) -> None:
         )
 
 
-def check_mask(name: str, mask: torch.Tensor | None, ids: torch.Tensor) -> None:
-    """Require a padding mask to match its ids' (B, T) shape and hold only 0 and 1."""
+def check_mask(name: str, mask: torch.Tensor | None, ids: torch.Tensor, past: int = 0) -> None:
+    """Require a padding mask of shape (B, past + T) for ids (B, T), holding only 0 and 1.
+
+    ``past`` is the number of tokens already in a KV cache, which the mask also covers.
+    """
     if mask is None:
         return
-    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape):
+    expected = (ids.shape[0], past + ids.shape[1])
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != expected:
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        cached = f" ({past} cached + {ids.shape[1]} new tokens)" if past else ""
         raise InputError(
-            f"{name} must have the same shape as its ids {tuple(ids.shape)}, got {shape}; "
+            f"{name} must have the same shape as its ids {expected}{cached}, got {shape}; "
             "pass 1 for real tokens and 0 for padding"
         )
     if not torch.compiler.is_compiling() and mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from formerkit.cache import KVCache
 from formerkit.config import ModelConfig
 from formerkit.errors import InputError
 from formerkit.heads import (
@@ -77,8 +78,13 @@ def _run_stack(
     token_type_ids: torch.Tensor | None = None,
     context: torch.Tensor | None = None,
     context_mask: torch.Tensor | None = None,
+    cache: KVCache | None = None,
 ) -> torch.Tensor:
-    """Run one stack on token embeddings (B, T, d_model); return its output (B, T, d_model)."""
+    """Run one stack on token embeddings (B, T, d_model); return its output (B, T, d_model).
+
+    With a ``cache`` the tokens extend the cached sequence: ``mask`` then covers all keys
+    (B, cached + T) and the cache advances by T.
+    """
     x = owner.hook_embed(tok_embeds)
     if owner.pos_embed is not None:
         x = x + owner.hook_pos_embed(owner.pos_embed(positions))
@@ -91,17 +97,26 @@ def _run_stack(
         x = owner.embed_norm(x)
     x = owner.embed_dropout(x)
 
-    T = x.shape[1]
+    B, T = x.shape[:2]
+    past = cache.reserve(B, T) if cache is not None else 0
+    key_positions = cache.record_positions(positions) if cache is not None else positions  # (B, past + T)
     rope = owner.rotary(positions) if owner.rotary is not None else None
-    alibi = (owner.alibi_slopes, positions, positions) if owner.alibi_slopes is not None else None
-    bias = attention_bias(dtype=x.dtype, q_len=T, k_len=T, causal=causal, key_mask=mask,
+    alibi = (owner.alibi_slopes, positions, key_positions) if owner.alibi_slopes is not None else None
+    if past and T > 1 and mask is None:  # sdpa's causal flag assumes no past: spell the mask out
+        mask = torch.ones(B, past + T, dtype=torch.long, device=x.device)
+    bias = attention_bias(dtype=x.dtype, q_len=T, k_len=past + T, causal=causal, key_mask=mask,
                           sliding_window=cfg.sliding_window, alibi=alibi, device=x.device)
     context_bias = None
     if context is not None and context_mask is not None:
         context_bias = attention_bias(dtype=x.dtype, q_len=T, k_len=context.shape[1], causal=False,
                                       key_mask=context_mask, device=x.device)
-    for block in owner.blocks:
-        x = block(x, rope=rope, bias=bias, is_causal=causal, context=context, context_bias=context_bias)
+    for i, block in enumerate(owner.blocks):
+        x = block(x, rope=rope, bias=bias, is_causal=causal and past == 0, context=context,
+                  context_bias=context_bias, cache=cache.layers[i] if cache is not None else None,
+                  cross_cache=cache.cross[i] if cache is not None and cache.cross is not None else None,
+                  cache_start=past)
+    if cache is not None:
+        cache.length = past + T
     return owner.ln_final(x) if owner.ln_final is not None else x
 
 
@@ -163,9 +178,9 @@ class Transformer(nn.Module):
         x = self.tok_embed(ids)  # (B, T, d_model)
         return x * math.sqrt(self.config.d_model) if self.config.embed_scale else x
 
-    def _positions(self, ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+    def _positions(self, ids: torch.Tensor, position_ids: torch.Tensor | None, start: int = 0) -> torch.Tensor:
         if position_ids is None:
-            position_ids = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+            position_ids = torch.arange(start, start + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
         elif tuple(position_ids.shape) != tuple(ids.shape):
             raise InputError(f"position_ids must have shape {tuple(ids.shape)}, got {tuple(position_ids.shape)}")
         check_positions(position_ids, self.config)
@@ -181,43 +196,68 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> ModelOutput:
         """Run the model and its head.
 
-        input_ids: (B, T) token ids (the source, for encoder-decoder models).
-        attention_mask: (B, T) 1 for real tokens, 0 for padding.
+        input_ids: (B, T) token ids (the source, for encoder-decoder models; may be None once
+        a cache holds the encoder output).
+        attention_mask: (B, T) 1 for real tokens, 0 for padding; with a cache, (B, cached + T).
+        position_ids: (B, T) positions; default: consecutive, after the cached tokens.
+        cache: a ``KVCache`` to extend (prefill, then one call per generated token).
         labels: next-token targets (B, T) for causal LM (shifted inside, as in the reference
         library); per-position targets for masked LM and for encoder-decoder models
         (aligned with decoder_input_ids); class ids (B,) for classifiers. -100 is ignored.
         Returns a ModelOutput.
         """
         cfg = self.config
+        if cache is not None and cfg.kind == "encoder":
+            raise InputError("an encoder-only model has no KV cache")
+        if cfg.kind == "encoder-decoder":
+            if input_ids is not None:
+                check_ids("input_ids", input_ids, cfg)
+                check_mask("attention_mask", attention_mask, input_ids)
+            elif cache is None or cache.memory is None:
+                raise InputError("input_ids (the source) is required unless the cache already holds the encoder output")
+            return self._forward_seq2seq(input_ids, attention_mask, position_ids, labels,
+                                         decoder_input_ids, decoder_attention_mask, cache)
         check_ids("input_ids", input_ids, cfg)
-        check_mask("attention_mask", attention_mask, input_ids)
-        positions = self._positions(input_ids, position_ids)
+        past = cache.length if cache is not None else 0
+        check_mask("attention_mask", attention_mask, input_ids, past)
+        positions = self._positions(input_ids, position_ids, past)
         if labels is not None and cfg.head == "none":
             raise InputError("labels given, but this model has no head to compute a loss (head='none')")
         if cfg.kind != "encoder-decoder" and (decoder_input_ids is not None or decoder_attention_mask is not None):
             raise InputError(f"decoder_input_ids/decoder_attention_mask are for encoder-decoder models; "
                              f"this is a {cfg.kind}-only model")
-        if cfg.kind == "encoder-decoder":
-            return self._forward_seq2seq(input_ids, attention_mask, positions, labels,
-                                         decoder_input_ids, decoder_attention_mask)
         if token_type_ids is not None:
             check_token_types(token_type_ids, input_ids, cfg)
         hidden = _run_stack(self, cfg, self._embed_tokens(input_ids), causal=cfg.kind == "decoder",
-                            mask=attention_mask, positions=positions, token_type_ids=token_type_ids)
-        return self._head(hidden, attention_mask, labels)
+                            mask=attention_mask, positions=positions, token_type_ids=token_type_ids, cache=cache)
+        head_mask = attention_mask[:, past:] if attention_mask is not None else None
+        return self._head(hidden, head_mask, labels)
 
-    def _forward_seq2seq(self, src, src_mask, src_positions, labels, tgt, tgt_mask) -> ModelOutput:
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the encoder of an encoder-decoder model: (B, S) ids -> (B, S, d_model)."""
+        positions = self._positions(input_ids, None)
+        return self.encoder(self._embed_tokens(input_ids), causal=False, mask=attention_mask, positions=positions)
+
+    def _forward_seq2seq(self, src, src_mask, position_ids, labels, tgt, tgt_mask, cache) -> ModelOutput:
         if tgt is None:
             raise InputError("an encoder-decoder model needs decoder_input_ids (the target prefix)")
         check_ids("decoder_input_ids", tgt, self.config)
-        check_mask("decoder_attention_mask", tgt_mask, tgt)
-        memory = self.encoder(self._embed_tokens(src), causal=False, mask=src_mask, positions=src_positions)
+        past = cache.length if cache is not None else 0
+        check_mask("decoder_attention_mask", tgt_mask, tgt, past)
+        if cache is not None and cache.memory is not None:
+            memory, src_mask = cache.memory, cache.memory_mask
+        else:
+            memory = self.encode(src, src_mask)
+            if cache is not None:
+                cache.memory, cache.memory_mask = memory, src_mask
         hidden = self.decoder(self._embed_tokens(tgt), causal=True, mask=tgt_mask,
-                              positions=self._positions(tgt, None), context=memory, context_mask=src_mask)
-        out = self._head(hidden, tgt_mask, labels)
+                              positions=self._positions(tgt, position_ids, past), context=memory,
+                              context_mask=src_mask, cache=cache)
+        out = self._head(hidden, tgt_mask[:, past:] if tgt_mask is not None else None, labels)
         out.encoder_hidden_states = memory
         return out
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from formerkit.cache import CrossKV, LayerKV
 from formerkit.layers.hooks import HookPoint
 from formerkit.layers.norm import build_norm
 from formerkit.layers.position import apply_rotary
@@ -68,31 +69,42 @@ class Attention(nn.Module):
         bias: torch.Tensor | None = None,
         is_causal: bool = False,
         context: torch.Tensor | None = None,
+        cache: LayerKV | CrossKV | None = None,
+        cache_start: int = 0,
     ) -> torch.Tensor:
         """Attend from x (B, T, d_model) to itself, or to ``context`` (B, S, d_model) if cross.
 
         rope: (cos, sin) for self-attention positions. bias: additive float mask broadcastable
         to (B, H, T, S), or None. is_causal: apply a causal mask when ``bias`` is None.
+        cache: a self-attention ``LayerKV`` (new keys/values are written at ``cache_start``
+        and all cached ones attended to), or a ``CrossKV`` (encoder keys/values computed once).
         Returns (B, T, d_model).
         """
         B, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv_heads, self.d_head
         if self.cross:
-            if context is None:
-                raise ValueError("cross-attention needs the encoder output as `context`")
-            q = self.q(x)
-            k, v = self.kv(context).split([KV * D, KV * D], dim=-1)
+            q = self.hook_q(self._norm_q(self.q(x).view(B, T, H, D)))
+            if isinstance(cache, CrossKV) and cache.k is not None:
+                k, v = cache.k, cache.v  # (B, KV, S, D)
+            else:
+                if context is None:
+                    raise ValueError("cross-attention needs the encoder output as `context`")
+                k, v = self._project_kv(context)
+                if isinstance(cache, CrossKV):
+                    cache.k, cache.v = k, v
+            q = q.transpose(1, 2)  # (B, H, T, D)
         else:
             q, k, v = self.qkv(x).split([H * D, KV * D, KV * D], dim=-1)
-        S = k.shape[1]
-        q, k, v = q.view(B, T, H, D), k.view(B, S, KV, D), v.view(B, S, KV, D)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)  # (B, T|S, H|KV, D)
-        if rope is not None:
-            q = self.hook_rot_q(apply_rotary(q, *rope))
-            k = self.hook_rot_k(apply_rotary(k, *rope))
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T|S, D)
+            q, k, v = q.view(B, T, H, D), k.view(B, T, KV, D), v.view(B, T, KV, D)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)  # (B, T, H|KV, D)
+            if rope is not None:
+                q = self.hook_rot_q(apply_rotary(q, *rope))
+                k = self.hook_rot_k(apply_rotary(k, *rope))
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T, D)
+            if isinstance(cache, LayerKV):
+                k, v = cache.append(k, v, cache_start)  # (B, KV, L, D): everything cached so far
         if bias is not None and bias.dtype != q.dtype:
             bias = bias.to(q.dtype).clamp(min=torch.finfo(q.dtype).min)
         if self.backend == "eager" or self.hook_pattern.active:
@@ -108,6 +120,20 @@ class Attention(nn.Module):
             )  # (B, H, T, D)
         z = self.hook_z(z.transpose(1, 2))  # (B, T, H, D)
         return self.out(z.reshape(B, T, H * D))
+
+    def _norm_q(self, q: torch.Tensor) -> torch.Tensor:
+        return self.q_norm(q) if self.q_norm is not None else q
+
+    def _project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values (B, KV, S, D) of the encoder output (B, S, d_model)."""
+        B, S, _ = context.shape
+        KV, D = self.n_kv_heads, self.d_head
+        k, v = self.kv(context).split([KV * D, KV * D], dim=-1)
+        k, v = k.view(B, S, KV, D), v.view(B, S, KV, D)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        k, v = self.hook_k(k), self.hook_v(v)
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     def _eager(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, is_causal: bool

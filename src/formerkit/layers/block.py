@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from formerkit.cache import CrossKV, LayerKV
 from formerkit.config import ModelConfig
 from formerkit.layers.attention import Attention
 from formerkit.layers.feedforward import FeedForward
@@ -55,12 +56,20 @@ class Block(nn.Module):
         is_causal: bool = False,
         context: torch.Tensor | None = None,
         context_bias: torch.Tensor | None = None,
+        cache: LayerKV | None = None,
+        cross_cache: CrossKV | None = None,
+        cache_start: int = 0,
     ) -> torch.Tensor:
-        """Run the block on x (B, T, d_model); ``context`` is the encoder output for cross-attention."""
+        """Run the block on x (B, T, d_model); ``context`` is the encoder output for cross-attention.
+
+        cache / cross_cache: this layer's KV cache entries (see ``formerkit.cache``).
+        """
+        self_attn = lambda h: self.attn(h, rope=rope, bias=bias, is_causal=is_causal,  # noqa: E731
+                                        cache=cache, cache_start=cache_start)
         x = self.hook_resid_pre(x)
         if self.placement == "parallel":
             h = self.ln1(x)
-            attn = self.hook_attn_out(self.dropout(self.attn(h, rope=rope, bias=bias, is_causal=is_causal)))
+            attn = self.hook_attn_out(self.dropout(self_attn(h)))
             mlp = self.hook_mlp_out(self.dropout(self.mlp(h)))
             return self.hook_resid_post(x + attn + mlp)
         pre = self.placement == "pre"
@@ -69,11 +78,11 @@ class Block(nn.Module):
             out = hook(self.dropout(fn(norm(x) if pre else x)))
             return x + out if pre else norm(x + out)
 
-        x = residual(x, self.ln1, lambda h: self.attn(h, rope=rope, bias=bias, is_causal=is_causal),
-                     self.hook_attn_out)
+        x = residual(x, self.ln1, self_attn, self.hook_attn_out)
         x = self.hook_resid_mid(x)
         if self.cross_attn is not None:
-            x = residual(x, self.ln_cross, lambda h: self.cross_attn(h, bias=context_bias, context=context),
+            x = residual(x, self.ln_cross,
+                         lambda h: self.cross_attn(h, bias=context_bias, context=context, cache=cross_cache),
                          self.hook_cross_attn_out)
             x = self.hook_resid_mid_cross(x)
         x = residual(x, self.ln2, self.mlp, self.hook_mlp_out)
