@@ -1,0 +1,1 @@
+"""Generation: decoding loops, sampling, beam search, speculative decoding."""
