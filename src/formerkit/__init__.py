@@ -4,6 +4,7 @@ from formerkit.checkpoints import from_pretrained, save_pretrained
 from formerkit.config import ModelConfig
 from formerkit.embed import embed
 from formerkit.errors import CheckpointError, ConfigError, DataError, FormerkitError, InputError, TrainingError
+from formerkit.generate import generate, generate_text
 from formerkit.model import ModelOutput, Transformer
 from formerkit.tokenizers import (
     ByteTokenizer,
@@ -34,6 +35,8 @@ __all__ = [
     "build_tokenizer",
     "embed",
     "from_pretrained",
+    "generate",
+    "generate_text",
     "load_tokenizer",
     "save_pretrained",
     "train_bpe",

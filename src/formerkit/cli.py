@@ -144,14 +144,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     """Print sampled continuations of a prompt from a causal LM checkpoint or run directory."""
-    from formerkit.sampling import sample_text
-
     model = fk.from_pretrained(args.checkpoint)
     tokenizer = fk.load_tokenizer(args.checkpoint)
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
-        text = sample_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_k=args.top_k or None, seed=seed)
+        text = fk.generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k or None, seed=seed)
         print(text if args.num_samples == 1 else f"--- sample {i + 1} ---\n{text}")
 
 
@@ -194,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with sections model, data, train, optim, eval, checkpoint, log")
     p.set_defaults(func=cmd_train, takes_overrides=True)
 
-    p = sub.add_parser("sample", help="sample text from a causal LM checkpoint (a quick look, no KV cache)")
+    p = sub.add_parser("sample", help="sample a few continuations from a causal LM checkpoint (a quick look; "
+                                      "`formerkit generate` has every decoding option)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory or training run directory")
     p.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to sample")
@@ -203,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, help="how many samples")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
     p.set_defaults(func=cmd_sample)
+
+    from formerkit.generate.command import add_generate_command
+
+    add_generate_command(sub)
 
     p = sub.add_parser("tour", help="build every preset, then embed sentences with the real MiniLM checkpoint")
     p.set_defaults(func=cmd_tour)

@@ -1,1 +1,6 @@
 """Generation: decoding loops, sampling, beam search, speculative decoding."""
+
+from formerkit.generate.decode import decode_step, generate, prefill, stream
+from formerkit.generate.stream import generate_text
+
+__all__ = ["decode_step", "generate", "generate_text", "prefill", "stream"]

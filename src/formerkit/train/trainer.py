@@ -14,8 +14,8 @@ from torch import nn
 
 from formerkit.data import resolve_source
 from formerkit.errors import ConfigError, TrainingError
+from formerkit.generate import generate_text
 from formerkit.model import Transformer
-from formerkit.sampling import sample_text
 from formerkit.train import parallel
 from formerkit.train.config import TrainConfig
 from formerkit.train.distributed import DistInfo, barrier, mean_across, setup, teardown
@@ -112,8 +112,10 @@ def _run(cfg: TrainConfig, info: DistInfo) -> TrainResult:
         prompts = SAMPLE_PROMPTS if cfg.data.source in (None, "", "stdlib") else [""]
         model.eval()
         with autocast():
-            result.samples = [sample_text(model, tokenizer, prompts[i % len(prompts)],
-                                          max_new_tokens=cfg.log.sample_tokens, seed=cfg.train.seed + i)
+            result.samples = [generate_text(model, tokenizer, prompts[i % len(prompts)],
+                                            max_new_tokens=min(cfg.log.sample_tokens, model.config.max_seq_len // 2),
+                                            temperature=0.8, top_k=50,
+                                            seed=cfg.train.seed + i)
                               for i in range(cfg.log.samples)]
     return result
 

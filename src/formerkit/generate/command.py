@@ -1,0 +1,51 @@
+"""The ``formerkit generate`` subcommand: text from a checkpoint, streamed for one prompt, batched for several."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from formerkit.checkpoints import from_pretrained
+from formerkit.generate.stream import generate_text
+from formerkit.tokenizers import load_tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Print the continuation of each ``--prompt``: streamed as it is generated for one prompt, else batched."""
+    model = from_pretrained(args.checkpoint)
+    tokenizer = load_tokenizer(args.checkpoint)
+    prompts = args.prompt or [""]
+    options = dict(max_new_tokens=args.max_new_tokens, stop_strings=args.stop, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                   repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if len(prompts) == 1 and not args.no_stream:
+        for piece in generate_text(model, tokenizer, prompts[0], stream=True, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    texts = generate_text(model, tokenizer, prompts, **options)
+    for i, text in enumerate(texts):
+        print(text if len(texts) == 1 else f"--- {i + 1} ---\n{text}")
+
+
+def add_generate_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``generate`` on the ``formerkit`` subparsers; return its parser (which runs ``cmd_generate``)."""
+    p = subparsers.add_parser("generate", help="generate text from a causal LM or encoder-decoder checkpoint "
+                                               "(KV cache; greedy unless --temperature > 0)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory or training run directory")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="text to continue; repeat for a batch (default: start from end-of-text)")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="most tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set holding this probability")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than this fraction of the most likely one")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already present by this (1: none)")
+    p.add_argument("--stop", action="append", metavar="STR", help="stop a text once it contains STR (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--no-stream", action="store_true", help="print a single prompt's text only when it is done")
+    p.set_defaults(func=cmd_generate)
+    return p
