@@ -4,7 +4,7 @@ from formerkit.checkpoints import from_pretrained, save_pretrained
 from formerkit.config import ModelConfig
 from formerkit.embed import embed
 from formerkit.errors import CheckpointError, ConfigError, DataError, FormerkitError, InputError, TrainingError
-from formerkit.generate import generate, generate_text
+from formerkit.generate import BeamOutput, beam_search, generate, generate_text
 from formerkit.model import ModelOutput, Transformer
 from formerkit.tokenizers import (
     ByteTokenizer,
@@ -19,6 +19,7 @@ from formerkit.tokenizers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BeamOutput",
     "ByteTokenizer",
     "CharTokenizer",
     "CheckpointError",
@@ -32,6 +33,7 @@ __all__ = [
     "Tokenizer",
     "TrainingError",
     "Transformer",
+    "beam_search",
     "build_tokenizer",
     "embed",
     "from_pretrained",

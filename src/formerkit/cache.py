@@ -98,10 +98,11 @@ class KVCache(nn.Module):
 
     def reorder(self, index: torch.Tensor) -> None:
         """Reorder the batch rows by ``index`` (B,), as beam search does when beams are reselected."""
+        filled = slice(0, self.length)
         for layer in self.layers:
-            layer.k.copy_(layer.k.index_select(0, index))
-            layer.v.copy_(layer.v.index_select(0, index))
-        self.positions.copy_(self.positions.index_select(0, index))
+            layer.k[:, :, filled] = layer.k[:, :, filled].index_select(0, index)
+            layer.v[:, :, filled] = layer.v[:, :, filled].index_select(0, index)
+        self.positions[:, filled] = self.positions[:, filled].index_select(0, index)
         if self.memory is not None:
             self.memory = self.memory.index_select(0, index)
             if self.memory_mask is not None:
