@@ -4,8 +4,9 @@ from formerkit.checkpoints import from_pretrained, save_pretrained
 from formerkit.config import ModelConfig
 from formerkit.embed import embed
 from formerkit.errors import CheckpointError, ConfigError, DataError, FormerkitError, InputError, TrainingError
-from formerkit.generate import BeamOutput, beam_search, generate, generate_text
+from formerkit.generate import BeamOutput, SpeculativeOutput, beam_search, generate, generate_text, speculative_generate
 from formerkit.model import ModelOutput, Transformer
+from formerkit.quantize import Int8Linear, load_quantized, quantize_int8, save_quantized
 from formerkit.tokenizers import (
     ByteTokenizer,
     CharTokenizer,
@@ -28,8 +29,10 @@ __all__ = [
     "FormerkitError",
     "HFTokenizer",
     "InputError",
+    "Int8Linear",
     "ModelConfig",
     "ModelOutput",
+    "SpeculativeOutput",
     "Tokenizer",
     "TrainingError",
     "Transformer",
@@ -39,7 +42,11 @@ __all__ = [
     "from_pretrained",
     "generate",
     "generate_text",
+    "load_quantized",
     "load_tokenizer",
+    "quantize_int8",
     "save_pretrained",
+    "save_quantized",
+    "speculative_generate",
     "train_bpe",
 ]

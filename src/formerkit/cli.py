@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate_command(sub)
 
+    from formerkit.quantize import add_quantize_command
+
+    add_quantize_command(sub)
+
     p = sub.add_parser("tour", help="build every preset, then embed sentences with the real MiniLM checkpoint")
     p.set_defaults(func=cmd_tour)
     return parser

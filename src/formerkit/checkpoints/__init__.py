@@ -93,6 +93,10 @@ def from_pretrained(
     A training run directory loads its latest checkpoint. Returns the model in eval mode.
     """
     directory = resolve_checkpoint_dir(path)
+    if (directory / "quantization.json").is_file():
+        from formerkit.quantize import load_quantized
+
+        return load_quantized(directory, dtype=dtype, device=device)
     if (directory / NATIVE_CONFIG).is_file():
         cfg = ModelConfig.from_dict(read_json(directory / NATIVE_CONFIG))
         model = Transformer(cfg)
@@ -126,6 +130,8 @@ def save_pretrained(model: Transformer, path: str | Path, format: Literal["nativ
     have no Hugging Face equivalent. Returns the directory path.
     """
     directory = Path(path)
+    if any(type(m).__name__ == "Int8Linear" for m in model.modules()):
+        raise InputError("this model holds int8 weights: write it with formerkit.save_quantized")
     tied = tied_names(model)
     state = {k: v for k, v in model.state_dict().items() if k not in tied}
     if format == "native":
