@@ -48,6 +48,7 @@ def losses(run_dir: Path, split: str = "train") -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == split}
 
 
+@pytest.mark.slow
 def test_causal_run_learns_and_writes_everything(tmp_path):
     result = train(config(tmp_path, steps=60))
     run = tmp_path / "run"
@@ -67,6 +68,7 @@ def test_causal_run_learns_and_writes_everything(tmp_path):
     assert len(result.samples) == 1 and isinstance(result.samples[0], str)
 
 
+@pytest.mark.slow
 def test_sample_command_reads_a_run_directory(tmp_path, capsys):
     from formerkit.cli import main
 
@@ -82,6 +84,7 @@ def test_sample_command_reads_a_run_directory(tmp_path, capsys):
     assert "temperature" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_continues_where_it_stopped(tmp_path):
     train(config(tmp_path, steps=20))
     more = train(config(tmp_path, steps=30))
@@ -89,6 +92,7 @@ def test_resume_continues_where_it_stopped(tmp_path):
     assert more.step == 30
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
     a = train(config(tmp_path / "a", steps=5))
     b = train(config(tmp_path / "b", "--train.grad_accum", "4", steps=5))
@@ -98,6 +102,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
     assert abs(a.val["loss"] - b.val["loss"]) < 1e-5
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains(tmp_path):
     result = train(config(tmp_path, "--train.precision", "bf16", steps=40))
     ls = losses(tmp_path / "run")
@@ -122,6 +127,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     fk.from_pretrained(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_mlm_objective_learns_and_reports_accuracy(tmp_path):
     result = train(config(tmp_path, "--train.objective", "mlm", "--optim.lr", "5e-3", steps=60))
     ls = losses(tmp_path / "run")
@@ -131,6 +137,7 @@ def test_mlm_objective_learns_and_reports_accuracy(tmp_path):
     assert model.config.kind == "encoder" and model.config.head == "mlm"
 
 
+@pytest.mark.slow
 def test_classification_objective_reaches_high_accuracy(tmp_path):
     rows = []
     for i in range(200):
