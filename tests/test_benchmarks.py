@@ -1,0 +1,68 @@
+"""Smoke test of benchmarks/train_throughput.py on a tiny model, so the benchmark cannot rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_measures_everything(bench, capsys):
+    out = bench.main(["--small", "--steps", "2", "--warmup", "1", "--modes", "fp32,bf16", "--loss-steps", "3",
+                      "--profile", "1", "--malloc", "default"])
+    text = capsys.readouterr().out
+    assert "targets:" in text and "loss parity" in text and "FLOPs/token" in text
+    ours, theirs = out["initial_loss"]
+    assert ours == pytest.approx(theirs, abs=1e-4)  # identical weights and loss
+    assert set(out["tokens_per_s"]) == {(m, lib) for m in ("fp32", "bf16") for lib in ("formerkit", "transformers")}
+    assert all(v > 0 for v in out["tokens_per_s"].values())
+    assert all(len(r["times"]) == 2 for r in out["results"].values())
+    assert out["peak"]["fp32"] > 0 and out["peak"]["bf16"] > 0
+    parity = out["parity"]
+    assert parity["precision"] == "bf16" and len(parity["losses"]["fp32"]) == 3
+    assert all(math.isfinite(v) for v in parity["final"].values())
+    assert set(out["profile"]) == {("formerkit", "bf16"), ("transformers", "bf16")}
+
+
+def test_both_libraries_take_the_same_steps(bench):
+    """fp32 training of the two libraries stays together: same weights, optimizer, schedule and loss."""
+    shape = bench.Shape(n_layers=2, d_model=32, n_heads=4, seq_len=16, vocab=128, batch=2)
+    hf_model, fk_model = bench.build_models(shape)
+    pristine = {"formerkit": fk_model, "transformers": hf_model}
+    batches = bench.markov_batches(4, shape)
+    optim = bench.OptimSection(warmup_steps=1)
+    runs = [bench.make_trainer(lib, pristine, "fp32", optim, 4) for lib in bench.LIBS]
+    losses = [[tr.step(i, *batches[i]) for i in range(4)] for tr in runs]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+    assert losses[0][-1] < losses[0][0]
+
+
+def test_batches_and_flops(bench):
+    shape = bench.Shape(vocab=64, seq_len=8, batch=2)
+    a, b = bench.markov_batches(3, shape), bench.markov_batches(5, shape)
+    for (xa, ya), (xb, yb) in zip(a, b[:3], strict=True):  # batch i does not depend on how many are drawn
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    x, y = a[0]
+    assert x.shape == (2, 8) and torch.equal(x[:, 1:], y[:, :-1])
+    _, fk_model = bench.build_models(bench.Shape())
+    total, terms = bench.flops_per_token(fk_model, bench.Shape())
+    d, L, V, T = 384, 6, 8192, 256
+    assert terms["N_nonembedding"] == L * (12 * d * d + 13 * d) + 2 * d  # GPT-2 blocks + final norm
+    assert total == 6 * (terms["N_nonembedding"] + V * d) + 12 * L * d * T
