@@ -103,11 +103,13 @@ def _hf_models():
     llama = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                      num_key_value_heads=2, intermediate_size=48, vocab_size=96,
                                      max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    mistral = transformers.MistralConfig(**llama.to_diff_dict() | {"sliding_window": 5})
     return {"gpt2": lambda: transformers.GPT2LMHeadModel(gpt2),
-            "llama-gqa": lambda: transformers.LlamaForCausalLM(llama)}
+            "llama-gqa": lambda: transformers.LlamaForCausalLM(llama),
+            "mistral-sliding-window": lambda: transformers.MistralForCausalLM(mistral)}
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "mistral-sliding-window"])
 def test_greedy_equals_transformers(name, tmp_path):
     torch.manual_seed(0)
     reference = _hf_models()[name]().eval()

@@ -1,0 +1,45 @@
+"""Smoke test of benchmarks/generate_throughput.py on a tiny model, so the benchmark cannot rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "generate_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("generate_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_measures_every_variant(bench, capsys):
+    out = bench.main(["--models", "tiny", "--batches", "1,2", "--new-tokens", "5", "--repeats", "1"])
+    text = capsys.readouterr().out
+    assert "read bandwidth" in text and "int8 / own fp32" in text
+    assert out["same_tokens"]["tiny"] is True
+    libraries = {(r.batch, r.precision, r.library) for r in out["best"]}
+    expected = {(b, p, lib) for b in (1, 2) for p in ("fp32", "bf16") for lib in ("formerkit", "transformers")}
+    assert libraries == expected | {(1, "int8", "formerkit"), (2, "int8", "formerkit")}
+    assert all(v > 0 for v in out["best"].values()) and out["bandwidth"] > 0
+
+
+def test_weight_bytes_count_every_linear_once(bench):
+    ours, theirs = bench.build_pair("tiny")
+    n_layers, d, _ = bench.SHAPES["tiny"]
+    per_layer = d * 3 * d + d * d + d * 4 * d + 4 * d * d  # qkv, out, fc_in, fc_out
+    expected = n_layers * per_layer + bench.VOCAB * d  # + the (tied) LM head, read every step
+    assert bench.weight_bytes_per_token(ours) == 4 * expected
+    int8 = bench.quantize_int8(ours.to(torch.bfloat16))
+    scales = n_layers * (3 * d + d + 4 * d + d) + bench.VOCAB  # one float32 scale per output channel
+    assert bench.weight_bytes_per_token(int8) == expected + 4 * scales
