@@ -11,7 +11,7 @@ Learned positions get ``max_seq_len`` = the longest evaluation length, so the ro
 the training length exist but were never trained: that is the failure extrapolation avoids.
 
     python examples/length_extrapolation.py [--steps 600] [--train-len 64] [--eval-lens 64,128,256]
-        [--positions alibi,rope,learned,sinusoidal] [--out runs/extrapolation]
+        [--positions alibi,rope,learned,sinusoidal] [--source PATH] [--out runs/extrapolation]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import formerkit as fk
 from formerkit.data import eval_batches, load_corpus
-from formerkit.data.sources import stdlib_source
+from formerkit.data.sources import resolve_source
 from formerkit.train import TrainConfig, train
 from formerkit.train.setup import DEFAULT_CACHE
 
@@ -37,7 +37,7 @@ def run_config(position: str, args: argparse.Namespace) -> TrainConfig:
         "model": {"preset": "gpt2", "n_layers": args.layers, "d_model": args.d_model, "n_heads": args.d_model // 32,
                   "d_ff": 4 * args.d_model, "max_seq_len": longest, "position": position,
                   "attn_dropout": 0.0, "resid_dropout": 0.0, "embed_dropout": 0.0},
-        "data": {"tokenizer": "byte"},
+        "data": {"tokenizer": "byte", "source": args.source, "cache_dir": args.cache_dir},
         "train": {"steps": args.steps, "seq_len": args.train_len, "batch_size": args.batch_size, "seed": 0,
                   "precision": args.precision},
         "optim": {"lr": 2e-3, "warmup_steps": min(100, args.steps // 10)},
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[int, tuple[float, floa
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--eval-tokens", type=int, default=32768, help="tokens evaluated at each length")
+    parser.add_argument("--source", default=None, help="training text (default: the Python standard library)")
+    parser.add_argument("--cache-dir", default=None, help="token cache (default: ~/.cache/formerkit/tokens)")
     parser.add_argument("--out", default="runs/extrapolation")
     args = parser.parse_args(argv)
     args.eval_lens = sorted(int(n) for n in args.eval_lens.split(","))
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[int, tuple[float, floa
     for position in args.positions.split(","):
         result = train(run_config(position, args))
         model = fk.from_pretrained(result.run_dir)
-        tokens = load_corpus(stdlib_source(), fk.load_tokenizer(result.run_dir), cache_dir=DEFAULT_CACHE).val
+        cache = args.cache_dir or DEFAULT_CACHE
+        tokens = load_corpus(resolve_source(args.source), fk.load_tokenizer(result.run_dir), cache_dir=cache).val
         results[position] = loss_by_length(model, tokens, args.eval_lens, args.train_len, args.eval_tokens)
     print(f"\nheld-out loss (nats/token) of models trained at length {args.train_len}, {args.steps} steps;"
           f" in brackets: positions >= {args.train_len} only")
