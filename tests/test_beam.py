@@ -226,7 +226,7 @@ def _brute_force(model, src, src_mask, *, num_beams, max_new_tokens, length_pena
     (3, 0.5, False, 3),
 ])
 def test_encoder_decoder_equals_brute_force(num_beams, length_penalty, early_stopping, n_return):
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # a random model under which every case has a hypothesis that ends early
     model = fk.Transformer(fk.ModelConfig.from_preset(
         "vaswani-base", **{**SMALL, "n_decoder_layers": 2, "init_std": 0.3})).eval()
     src = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(3))

@@ -73,7 +73,7 @@ def test_name_tables_round_trip_both_ways(preset, kw):
 
 
 def test_tables_cover_every_family_model():
-    assert set(TABLES) == {"gpt2", "bert", "llama", "mistral", "qwen2", "qwen3"}
+    assert set(TABLES) == {"gpt2", "bert", "llama", "mistral", "qwen2", "qwen3", "vit", "bart", "t5", "t5-gated"}
 
 
 def _hf_dir(tmp_path, preset="gpt2"):
@@ -114,8 +114,8 @@ def test_directory_errors(tmp_path):
         fk.from_pretrained(tmp_path / "nope")
     with pytest.raises(fk.CheckpointError, match="neither"):
         fk.from_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    with pytest.raises(fk.CheckpointError, match='"t5" is not supported'):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    with pytest.raises(fk.CheckpointError, match='"mamba" is not supported'):
         fk.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(fk.CheckpointError, match="not valid JSON"):

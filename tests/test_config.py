@@ -207,16 +207,17 @@ def test_every_preset_is_valid(name):
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_overrides_build_a_tiny_model(name):
+    images = {"image_size": 8, "patch_size": 4, "num_channels": 1} if PRESETS[name].get("patch_size") else {}
     cfg = fk.ModelConfig.from_preset(name, n_layers=1, d_model=32, n_heads=4, d_ff=64, vocab_size=50,
-                                     max_seq_len=16, n_kv_heads=None)
+                                     max_seq_len=16, n_kv_heads=None, **images)
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.vocab_size) == (1, 32, 4, 50)
     for key, value in PRESETS[name].items():  # everything not overridden is kept
-        if key not in {"n_layers", "d_model", "n_heads", "d_ff", "vocab_size", "max_seq_len", "n_kv_heads"}:
+        if key not in {"n_layers", "d_model", "n_heads", "d_ff", "vocab_size", "max_seq_len", "n_kv_heads", *images}:
             assert getattr(cfg, key) == value
     model = fk.Transformer(cfg).eval()
     ids = torch.randint(0, 50, (1, 5))
     kwargs = {"decoder_input_ids": ids} if cfg.kind == "encoder-decoder" else {}
-    out = model(ids, **kwargs)
+    out = model(pixel_values=torch.rand(1, 1, 8, 8)) if images else model(ids, **kwargs)
     assert torch.isfinite(out.hidden_states).all()
 
 

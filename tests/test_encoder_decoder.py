@@ -22,8 +22,9 @@ def test_vaswani_base_shape(vaswani):
     assert vaswani.decoder.blocks[0].cross_attn is not None and vaswani.encoder.blocks[0].cross_attn is None
     # shared source/target/output embeddings: one table of vocab x d_model
     assert vaswani.lm_head.proj.weight is vaswani.tok_embed.weight
-    per_layer_enc = 4 * 512 * 512 + 4 * 512 + 2 * 512 * 2048 + 2048 + 512 + 2 * 2 * 512
-    per_layer_dec = per_layer_enc + 4 * 512 * 512 + 4 * 512 + 2 * 512
+    # attention: four bias-free d_model x d_model matrices, as in the paper; FFN with biases; two LayerNorms
+    per_layer_enc = 4 * 512 * 512 + 2 * 512 * 2048 + 2048 + 512 + 2 * 2 * 512
+    per_layer_dec = per_layer_enc + 4 * 512 * 512 + 2 * 512
     assert vaswani.num_parameters() == 37000 * 512 + 6 * per_layer_enc + 6 * per_layer_dec
 
 

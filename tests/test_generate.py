@@ -285,7 +285,7 @@ def test_top_k_and_top_p_stay_inside_their_sets():
 
 
 def test_encoder_decoder_greedy_equals_recomputation():
-    torch.manual_seed(2)  # post-norm tiny models saturate at the default init; this one varies by source
+    torch.manual_seed(11)  # post-norm tiny models saturate at the default init; this one varies by source
     cfg = fk.ModelConfig.from_preset("vaswani-base", **{**SMALL, "n_decoder_layers": 3, "init_std": 0.1})
     model = fk.Transformer(cfg).eval()
     sources = [[5, 6, 7, 8, 9], [10, 11, 12]]

@@ -134,9 +134,19 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"train loss {result.train_loss:.4f}")
     if result.val:
         print("validation " + ", ".join(f"{k} {v:.4f}" for k, v in result.val.items()))
+    if result.test:
+        test = result.test
+        print(f"test accuracy {test['accuracy']:.4f} ({round(test['accuracy'] * test['images'])}/{test['images']} "
+              f"held-out images), test loss {test['loss']:.4f}")
+        print(f"confusion:   {result.run_dir / 'confusion_matrix.png'}  "
+              f"(counts in {result.run_dir / 'test_metrics.json'})")
     for i, text in enumerate(result.samples):
         print(f"\n--- sample {i + 1} ---\n{text}")
-    print(f"\ncheckpoint:  {result.checkpoint}  (formerkit sample --checkpoint {result.run_dir} --prompt ...)")
+    use = "generate" if cfg.train.objective == "seq2seq" else "sample"
+    hint = f"formerkit {use} --checkpoint {result.run_dir} --prompt ..."
+    if cfg.train.objective == "image-classify":
+        hint = f"formerkit.from_pretrained('{result.run_dir}')(pixel_values=...)"
+    print(f"\ncheckpoint:  {result.checkpoint}  ({hint})")
     print(f"metrics:     {result.run_dir / 'metrics.jsonl'} and {result.run_dir / 'tensorboard'}")
     if result.loss_curve is not None:
         print(f"loss curve:  {result.loss_curve}")

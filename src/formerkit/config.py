@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args
 from formerkit.errors import ConfigError, did_you_mean
 
 Kind = Literal["decoder", "encoder", "encoder-decoder"]
-Position = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
+Position = Literal["learned", "sinusoidal", "rope", "alibi", "relative", "none"]
 Norm = Literal["layernorm", "rmsnorm"]
 NormPlacement = Literal["pre", "post"]
 Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
@@ -48,6 +48,9 @@ class ModelConfig:
     position: Position = "learned"
     rope_theta: float = 10000.0
     rotary_fraction: float = 1.0  # share of each head's dims that RoPE rotates
+    position_offset: int = 0  # learned positions read row position + offset of a (max_seq_len + offset)-row table
+    relative_buckets: int = 32  # position="relative": T5's buckets of a learned per-head attention bias
+    relative_max_distance: int = 128  # position="relative": distances from here on share the last bucket
 
     norm: Norm = "layernorm"
     norm_bias: bool = True
@@ -80,8 +83,16 @@ class ModelConfig:
     pooler: bool = False  # BERT's dense + tanh over the first token
     pooling: Pooling = "mean"  # how embed() and the classifier reduce a sequence
     pad_token_id: int | None = None
+    decoder_start_token_id: int | None = None  # encoder-decoder: the token decoding starts from
+    lm_head_bias: bool = False  # a bias on the LM head's logits (BART's final_logits_bias)
+    lm_head_scale: bool = False  # multiply final hidden states by d_model ** -0.5 before the LM head (T5)
     attn_backend: AttnBackend = "sdpa"
     init_std: float = 0.02
+
+    # images (Vision Transformer): a model with a patch_size reads pixel_values (B, C, H, W), not token ids
+    image_size: int | None = None  # square images of image_size x image_size pixels
+    patch_size: int | None = None  # square patches; None: a text model
+    num_channels: int = 3
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -106,6 +117,18 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """Number of dims per head that RoPE rotates."""
         return int(self.head_dim * self.rotary_fraction)
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per image of an image model ((image_size / patch_size) ** 2); 0 for a text model."""
+        if self.patch_size is None or self.image_size is None:
+            return 0
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Sequence length of an image model: its patches, plus the CLS token when pooling='cls'."""
+        return self.num_patches + (1 if self.pooling == "cls" and self.patch_size is not None else 0)
 
     # ---- construction --------------------------------------------------------------
     @classmethod
@@ -164,7 +187,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf_config: dict[str, Any]) -> ModelConfig:
-        """Infer a config from a Hugging Face ``config.json`` dict (GPT-2, Llama family, BERT)."""
+        """Infer a config from a Hugging Face ``config.json`` dict (GPT-2, Llama family, BERT, BART, T5)."""
         from formerkit.checkpoints.hf_config import config_from_hf
 
         return config_from_hf(hf_config)
@@ -257,3 +280,69 @@ def _validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"pad_token_id={cfg.pad_token_id} is outside the vocabulary [0, {cfg.vocab_size})")
     if cfg.attn_scale is not None and cfg.attn_scale <= 0:
         raise ConfigError(f"attn_scale must be positive, got {cfg.attn_scale}")
+    _validate_images(cfg)
+    _validate_positions_and_decoding(cfg)
+
+
+def _validate_positions_and_decoding(cfg: ModelConfig) -> None:
+    """Checks of the BART/T5 fields: position offset, relative buckets, LM-head extras, decoder start."""
+    for name in ["relative_buckets", "relative_max_distance", "position_offset"]:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "position_offset" else 1):
+            bound = ">= 0" if name == "position_offset" else "> 0"
+            raise ConfigError(f"{name} must be an integer {bound}, got {value!r}")
+    if cfg.position_offset and cfg.position != "learned":
+        raise ConfigError(f"position_offset={cfg.position_offset} applies to position='learned' only, got "
+                          f"position={cfg.position!r}; set position_offset=0")
+    if cfg.position == "relative":
+        if cfg.relative_buckets < 4:
+            raise ConfigError(f"relative_buckets must be >= 4 (half exact, half logarithmic, for each direction), "
+                              f"got {cfg.relative_buckets}")
+        if cfg.relative_max_distance <= cfg.relative_buckets // 2:
+            raise ConfigError(f"relative_max_distance={cfg.relative_max_distance} must exceed relative_buckets // 2 = "
+                              f"{cfg.relative_buckets // 2} (the exactly bucketed distances); T5 uses 128 with 32")
+    for name in ["lm_head_bias", "lm_head_scale"]:
+        if getattr(cfg, name) and cfg.head != "lm":
+            raise ConfigError(f"{name}=True needs head='lm', got head={cfg.head!r}")
+    start = cfg.decoder_start_token_id
+    if start is not None:
+        if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start < cfg.vocab_size:
+            raise ConfigError(f"decoder_start_token_id must be a token id in [0, {cfg.vocab_size}) or null, "
+                              f"got {start!r}")
+        if cfg.kind != "encoder-decoder":
+            raise ConfigError(f"decoder_start_token_id applies to encoder-decoder models, got kind={cfg.kind!r}; "
+                              "set it to null")
+
+
+def _validate_images(cfg: ModelConfig) -> None:
+    """Checks of the image fields: a Vision Transformer is an encoder over (1 +) num_patches positions."""
+    for name in ["image_size", "patch_size"]:
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ConfigError(f"{name} must be a positive integer or null, got {value!r}")
+    if not isinstance(cfg.num_channels, int) or isinstance(cfg.num_channels, bool) or cfg.num_channels <= 0:
+        raise ConfigError(f"num_channels must be a positive integer, got {cfg.num_channels!r}")
+    if cfg.patch_size is None:
+        if cfg.image_size is not None:
+            raise ConfigError(f"image_size={cfg.image_size} is set but patch_size is not; set patch_size to make "
+                              "an image model, or image_size to null for a text model")
+        return
+    if cfg.image_size is None:
+        raise ConfigError(f"patch_size={cfg.patch_size} needs image_size (the side of the square input images)")
+    if cfg.image_size % cfg.patch_size:
+        raise ConfigError(f"image_size={cfg.image_size} is not divisible by patch_size={cfg.patch_size}; "
+                          "pick a patch size that divides the image side")
+    if cfg.kind != "encoder":
+        raise ConfigError(f"an image model (patch_size set) must have kind='encoder', got kind={cfg.kind!r}")
+    if cfg.head not in ("classifier", "none"):
+        raise ConfigError(f"an image model has head='classifier' or 'none', got head={cfg.head!r}")
+    if cfg.pooling not in ("cls", "mean", "max"):
+        raise ConfigError(f"an image model pools with 'cls' (a learned CLS token), 'mean' or 'max' over patches, "
+                          f"got pooling={cfg.pooling!r}")
+    if cfg.type_vocab_size:
+        raise ConfigError(f"an image model has no token types; set type_vocab_size=0, got {cfg.type_vocab_size}")
+    if cfg.max_seq_len < cfg.num_image_tokens:
+        cls = " + 1 CLS token" if cfg.pooling == "cls" else ""
+        raise ConfigError(f"max_seq_len={cfg.max_seq_len} is smaller than the {cfg.num_patches} patches{cls} of a "
+                          f"{cfg.image_size}x{cfg.image_size} image with patch_size={cfg.patch_size}; "
+                          f"set max_seq_len={cfg.num_image_tokens}")

@@ -15,7 +15,8 @@ IGNORE_INDEX = -100
 class LMHead(nn.Module):
     """Project hidden states to vocabulary logits.
 
-    With ``transform`` (BERT's masked-LM head) a dense layer, activation and norm come first.
+    With ``transform`` (BERT's masked-LM head) a dense layer, activation and norm come first;
+    with ``scale`` the hidden states are multiplied by it before the projection (T5).
     """
 
     def __init__(
@@ -25,8 +26,10 @@ class LMHead(nn.Module):
         *,
         bias: bool,
         transform: tuple[str, str, float, bool] | None = None,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
+        self.scale = scale
         if transform is not None:
             activation, norm, eps, norm_bias = transform
             self.dense = nn.Linear(d_model, d_model)
@@ -40,6 +43,8 @@ class LMHead(nn.Module):
         """Map hidden (B, T, d_model) to logits (B, T, vocab_size)."""
         if self.dense is not None:
             hidden = self.norm(self.act(self.dense(hidden)))
+        if self.scale is not None:
+            hidden = hidden * self.scale
         return self.proj(hidden)
 
 

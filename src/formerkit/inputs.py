@@ -110,3 +110,26 @@ def check_token_types(token_type_ids: torch.Tensor, ids: torch.Tensor, cfg: Mode
         int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= cfg.type_vocab_size
     ):
         raise InputError(f"token_type_ids must be in [0, {cfg.type_vocab_size})")
+
+
+def check_pixel_values(pixel_values: torch.Tensor, cfg: ModelConfig) -> None:
+    """Require a floating (B, C, H, W) image batch with the channels and size the image model was built for."""
+    expected = f"(batch, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size})"
+    if not isinstance(pixel_values, torch.Tensor):
+        raise InputError(f"pixel_values must be a torch.Tensor of shape {expected}, got {type(pixel_values).__name__}")
+    if pixel_values.dim() != 4:
+        hint = "; add a batch dimension with pixel_values.unsqueeze(0)" if pixel_values.dim() == 3 else ""
+        raise InputError(f"pixel_values must have shape {expected}, got {tuple(pixel_values.shape)}{hint}")
+    if not pixel_values.dtype.is_floating_point:
+        raise InputError(f"pixel_values must be floating point, got dtype {pixel_values.dtype}; "
+                         "scale integer pixels, e.g. pixel_values.float() / 255")
+    B, C, H, W = pixel_values.shape
+    if B == 0:
+        raise InputError(f"pixel_values is empty (shape {tuple(pixel_values.shape)}); pass at least one image")
+    if C != cfg.num_channels:
+        layout = "; is it channels-last? use pixel_values.permute(0, 3, 1, 2)" if W == cfg.num_channels else ""
+        raise InputError(f"pixel_values has {C} channels, but the model expects num_channels={cfg.num_channels} "
+                         f"(shape {expected}, got {tuple(pixel_values.shape)}){layout}")
+    if (H, W) != (cfg.image_size, cfg.image_size):
+        raise InputError(f"pixel_values images are {H}x{W}, but the model expects {cfg.image_size}x{cfg.image_size} "
+                         f"(shape {expected}, got {tuple(pixel_values.shape)}); resize the images")

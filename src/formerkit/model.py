@@ -26,12 +26,20 @@ from formerkit.heads import (
     pool,
     token_loss,
 )
-from formerkit.inputs import check_ids, check_labels, check_mask, check_positions, check_token_types
+from formerkit.inputs import (
+    check_ids,
+    check_labels,
+    check_mask,
+    check_pixel_values,
+    check_positions,
+    check_token_types,
+)
 from formerkit.layers.block import Block
 from formerkit.layers.hooks import HookPoint
 from formerkit.layers.masks import attention_bias
 from formerkit.layers.norm import build_norm
-from formerkit.layers.position import Rotary, alibi_slopes, sinusoidal
+from formerkit.layers.patch import PatchEmbed
+from formerkit.layers.position import RelativePositionBias, Rotary, alibi_slopes, sinusoidal
 
 
 @dataclass
@@ -53,7 +61,11 @@ class ModelOutput:
 
 def _add_stack_modules(owner: nn.Module, cfg: ModelConfig, n_layers: int, *, cross: bool, types: bool) -> None:
     """Give ``owner`` the modules of one stack: positions, embedding norm, blocks, final norm."""
-    owner.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+    learned = cfg.position == "learned"
+    owner.pos_embed = nn.Embedding(cfg.max_seq_len + cfg.position_offset, cfg.d_model) if learned else None
+    causal = cross or cfg.kind == "decoder"  # a decoder stack: T5 buckets only the keys up to the query
+    owner.pos_bias = RelativePositionBias(cfg.relative_buckets, cfg.relative_max_distance, cfg.n_heads,
+                                          bidirectional=not causal) if cfg.position == "relative" else None
     owner.type_embed = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if types else None
     owner.embed_norm = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias) if cfg.embed_norm else None
     owner.embed_dropout = nn.Dropout(cfg.embed_dropout)
@@ -87,7 +99,7 @@ def _run_stack(
     """
     x = owner.hook_embed(tok_embeds)
     if owner.pos_embed is not None:
-        x = x + owner.hook_pos_embed(owner.pos_embed(positions))
+        x = x + owner.hook_pos_embed(owner.pos_embed(positions + cfg.position_offset))
     elif cfg.position == "sinusoidal":
         x = x + owner.hook_pos_embed(sinusoidal(positions, cfg.d_model).to(x.dtype))
     if owner.type_embed is not None:
@@ -102,10 +114,11 @@ def _run_stack(
     key_positions = cache.record_positions(positions) if cache is not None else positions  # (B, past + T)
     rope = owner.rotary(positions) if owner.rotary is not None else None
     alibi = (owner.alibi_slopes, positions, key_positions) if owner.alibi_slopes is not None else None
+    relative = owner.pos_bias(positions, key_positions) if owner.pos_bias is not None else None  # (B, H, T, past+T)
     if past and T > 1 and mask is None:  # sdpa's causal flag assumes no past: spell the mask out
         mask = torch.ones(B, past + T, dtype=torch.long, device=x.device)
     bias = attention_bias(dtype=x.dtype, q_len=T, k_len=past + T, causal=causal, key_mask=mask,
-                          sliding_window=cfg.sliding_window, alibi=alibi, device=x.device)
+                          sliding_window=cfg.sliding_window, alibi=alibi, position_bias=relative, device=x.device)
     context_bias = None
     if context is not None and context_mask is not None:
         context_bias = attention_bias(dtype=x.dtype, q_len=T, k_len=context.shape[1], causal=False,
@@ -143,7 +156,10 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         cfg = self.config = config
-        self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=None)
+        images = cfg.patch_size is not None  # a Vision Transformer: patches replace the token table
+        self.tok_embed = None if images else nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=None)
+        self.patch_embed = PatchEmbed(cfg.num_channels, cfg.d_model, cfg.patch_size, cls_token=cfg.pooling == "cls",
+                                      init_std=cfg.init_std) if images else None
         if cfg.kind == "encoder-decoder":
             self.encoder = Stack(cfg, cfg.n_layers, cross=False)
             self.decoder = Stack(cfg, cfg.decoder_layers, cross=True)
@@ -153,7 +169,8 @@ class Transformer(nn.Module):
         self.lm_head = self.classifier = None
         if cfg.head in ("lm", "mlm"):
             transform = (cfg.activation, cfg.norm, cfg.norm_eps, cfg.norm_bias) if cfg.head == "mlm" else None
-            self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=cfg.head == "mlm", transform=transform)
+            self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=cfg.head == "mlm" or cfg.lm_head_bias,
+                                  transform=transform, scale=cfg.d_model**-0.5 if cfg.lm_head_scale else None)
         elif cfg.head == "classifier":
             self.classifier = ClassifierHead(cfg.d_model, cfg.num_labels, cfg.resid_dropout)
         self.apply(self._init_weights)
@@ -165,7 +182,7 @@ class Transformer(nn.Module):
             self.lm_head.proj.weight = self.tok_embed.weight
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, (nn.Linear, nn.Embedding, RelativePositionBias)):
             nn.init.normal_(module.weight, std=self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
@@ -188,7 +205,7 @@ class Transformer(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         *,
         labels: torch.Tensor | None = None,
@@ -197,6 +214,7 @@ class Transformer(nn.Module):
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        pixel_values: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Run the model and its head.
 
@@ -208,9 +226,17 @@ class Transformer(nn.Module):
         labels: next-token targets (B, T) for causal LM (shifted inside, as in the reference
         library); per-position targets for masked LM and for encoder-decoder models
         (aligned with decoder_input_ids); class ids (B,) for classifiers. -100 is ignored.
+        pixel_values: (B, C, H, W) images, the only input of an image model (``patch_size`` set).
         Returns a ModelOutput.
         """
         cfg = self.config
+        if cfg.patch_size is not None:
+            others = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+                      "position_ids": position_ids, "decoder_input_ids": decoder_input_ids,
+                      "decoder_attention_mask": decoder_attention_mask, "cache": cache}
+            return self._forward_images(pixel_values, labels, [name for name, v in others.items() if v is not None])
+        if pixel_values is not None:
+            raise InputError("pixel_values given, but this is a text model (patch_size=None); pass input_ids")
         if cache is not None and cfg.kind == "encoder":
             raise InputError("an encoder-only model has no KV cache")
         if cfg.kind == "encoder-decoder":
@@ -236,6 +262,26 @@ class Transformer(nn.Module):
                             mask=attention_mask, positions=positions, token_type_ids=token_type_ids, cache=cache)
         head_mask = attention_mask[:, past:] if attention_mask is not None else None
         return self._head(hidden, head_mask, labels)
+
+    def _forward_images(self, pixel_values: torch.Tensor | None, labels: torch.Tensor | None,
+                        given: list[str]) -> ModelOutput:
+        """Vision Transformer: patches (+ CLS) -> learned positions -> encoder -> pooled classifier."""
+        cfg = self.config
+        if given:
+            hint = "; pass the images as pixel_values=" if "input_ids" in given else ""
+            raise InputError(f"this is an image model (patch_size={cfg.patch_size}): it reads pixel_values and "
+                             f"labels only, not {', '.join(given)}{hint}")
+        if pixel_values is None:
+            raise InputError(f"an image model needs pixel_values of shape "
+                             f"(batch, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size})")
+        check_pixel_values(pixel_values, cfg)
+        if labels is not None and cfg.head == "none":
+            raise InputError("labels given, but this model has no head to compute a loss (head='none')")
+        x = self.patch_embed(pixel_values)  # (B, T, d_model), T = (1 CLS +) num_patches
+        B, T = x.shape[:2]
+        positions = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
+        hidden = _run_stack(self, cfg, x, causal=False, mask=None, positions=positions)
+        return self._head(hidden, None, labels)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the encoder of an encoder-decoder model: (B, S) ids -> (B, S, d_model)."""

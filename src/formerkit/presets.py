@@ -16,6 +16,11 @@ _VASWANI = {
     "embed_scale": True,
     "tie_embeddings": True,
     "max_seq_len": 1024,
+    # the paper's attention projections are bias-free matrices (W^Q, W^K, W^V, W^O); its FFN has biases
+    "qkv_bias": False,
+    "out_bias": False,
+    # dropout on each sub-layer's output and on the embedding sums (section 5.4), none on attention weights
+    "attn_dropout": 0.0,
 }
 
 _GPT2 = {
@@ -52,19 +57,41 @@ _BERT = {
     "embed_dropout": 0.1,
 }
 
+# ViT (Dosovitskiy et al.): a pre-LN encoder over image patches, a CLS token, exact GELU. There is no
+# token table, so vocab_size is unused (1).
+_VIT = {
+    "kind": "encoder",
+    "vocab_size": 1,
+    "position": "learned",
+    "norm": "layernorm",
+    "norm_placement": "pre",
+    "norm_eps": 1e-12,
+    "activation": "gelu",
+    "qkv_bias": True,
+    "tie_embeddings": False,
+    "head": "classifier",
+    "pooling": "cls",
+    "attn_dropout": 0.0,
+    "resid_dropout": 0.0,
+    "embed_dropout": 0.0,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "vaswani-base": {**_VASWANI, "d_model": 512, "n_heads": 8, "d_ff": 2048, "n_layers": 6,
-                     "n_decoder_layers": 6, "attn_dropout": 0.1, "resid_dropout": 0.1,
-                     "embed_dropout": 0.1},
+                     "n_decoder_layers": 6, "resid_dropout": 0.1, "embed_dropout": 0.1},
     "vaswani-big": {**_VASWANI, "d_model": 1024, "n_heads": 16, "d_ff": 4096, "n_layers": 6,
-                    "n_decoder_layers": 6, "attn_dropout": 0.3, "resid_dropout": 0.3,
-                    "embed_dropout": 0.3},
+                    "n_decoder_layers": 6, "resid_dropout": 0.3, "embed_dropout": 0.3},
     "gpt2": {**_GPT2, "d_model": 768, "n_layers": 12, "n_heads": 12, "d_ff": 3072},
     "gpt2-medium": {**_GPT2, "d_model": 1024, "n_layers": 24, "n_heads": 16, "d_ff": 4096},
     "bert-base": {**_BERT, "d_model": 768, "n_layers": 12, "n_heads": 12, "d_ff": 3072,
                   "head": "mlm"},
     "minilm-l6": {**_BERT, "d_model": 384, "n_layers": 6, "n_heads": 12, "d_ff": 1536,
                   "head": "none", "pooler": True, "pooling": "mean"},
+    "vit": {**_VIT, "image_size": 224, "patch_size": 16, "num_channels": 3, "max_seq_len": 197,
+            "d_model": 768, "n_layers": 12, "n_heads": 12, "d_ff": 3072, "num_labels": 1000},
+    # a small ViT for sklearn's 8x8 handwritten digits (examples/digits.yaml)
+    "vit-digits": {**_VIT, "image_size": 8, "patch_size": 2, "num_channels": 1, "max_seq_len": 17,
+                   "d_model": 64, "n_layers": 4, "n_heads": 4, "d_ff": 128, "num_labels": 10},
     "llama": {
         "kind": "decoder",
         "vocab_size": 32000,

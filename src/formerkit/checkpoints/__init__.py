@@ -88,7 +88,7 @@ def from_pretrained(
 
     Hugging Face directories hold ``config.json`` plus ``model.safetensors``, sharded
     safetensors with an index, or ``pytorch_model.bin`` (read with ``weights_only=True``).
-    GPT-2, the Llama family (Llama, Mistral, Qwen2, Qwen3) and BERT are understood; a
+    GPT-2, the Llama family (Llama, Mistral, Qwen2, Qwen3), BERT, BART and T5 are understood; a
     sentence-transformers pooling config beside the weights sets ``config.pooling``.
     A training run directory loads its latest checkpoint. Returns the model in eval mode.
     """

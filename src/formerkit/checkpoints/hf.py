@@ -9,7 +9,7 @@ import torch
 
 from formerkit.checkpoints.files import write_json, write_safetensors
 from formerkit.checkpoints.hf_config import config_to_hf
-from formerkit.checkpoints.hf_maps import BASE_PREFIX, IGNORED, expand
+from formerkit.checkpoints.hf_maps import BASE_PREFIX, IGNORED, expand, table_name
 from formerkit.config import ModelConfig
 from formerkit.errors import CheckpointError
 
@@ -31,18 +31,24 @@ def state_from_hf(cfg: ModelConfig, family: str, hf_state: dict[str, torch.Tenso
     theirs = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in hf_state.items()}
     used: set[str] = set()
     out: dict[str, torch.Tensor] = {}
-    missing, shapes = [], []
-    for ours, names, transform, _ in expand(family, cfg.n_layers):
+    missing, shapes, differ = [], [], []
+    for ours, names, transform, _ in expand(table_name(family, cfg.gated), cfg.n_layers, cfg.decoder_layers):
         if ours not in model_state or ours in tied:
             used.update(n for n in names if ours in tied)
             continue
-        absent = [n for n in names if n not in theirs]
+        absent = [n for n in (names[:1] if transform == "tied" else names) if n not in theirs]
         if absent:
             missing.extend(absent)
             continue
+        if transform == "tied":  # copies of one tensor: read the first, check the others where present
+            names = tuple(n for n in names if n in theirs)
+            differ.extend(f"{n} differs from {names[0]}" for n in names[1:]
+                          if not torch.equal(theirs[n], theirs[names[0]]))
         used.update(names)
         parts = [theirs[n] for n in names]
         tensor = parts[0].t() if transform == "t" else torch.cat(parts) if transform == "cat" else parts[0]
+        if transform == "unbatch":
+            tensor = tensor.squeeze(0)  # (1, N, D) -> (N, D)
         if tuple(tensor.shape) != tuple(model_state[ours].shape):
             shapes.append(f"{' + '.join(names)}: checkpoint {tuple(tensor.shape)}, "
                           f"model {tuple(model_state[ours].shape)}")
@@ -58,6 +64,8 @@ def state_from_hf(cfg: ModelConfig, family: str, hf_state: dict[str, torch.Tenso
         problems.append(f"unexpected in the checkpoint: {', '.join(unexpected)}")
     if shapes:
         problems.append(f"wrong shapes: {'; '.join(shapes)}")
+    if differ:
+        problems.append(f"formerkit shares one token table, but {'; '.join(differ)}")
     if not missing and not shapes and uncovered:
         problems.append(f"not provided by the checkpoint: {', '.join(uncovered)}")
     if problems:
@@ -72,14 +80,18 @@ def state_to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], tied: set[str]
     family = hf_config["model_type"]
     prefix = BASE_PREFIX[family] if cfg.head != "none" else ""
     out: dict[str, torch.Tensor] = {}
-    for ours, names, transform, is_head in expand(family, cfg.n_layers):
+    for ours, names, transform, is_head in expand(table_name(family, cfg.gated), cfg.n_layers, cfg.decoder_layers):
         if ours not in state or ours in tied:
             continue
         tensor = state[ours]
         if transform == "t":
             parts = [tensor.t()]
+        elif transform == "tied":
+            parts = [tensor] * len(names)
         elif transform == "cat":
             parts = list(tensor.split(_split_sizes(cfg, len(names))))
+        elif transform == "unbatch":
+            parts = [tensor[None]]  # (N, D) -> (1, N, D)
         else:
             parts = [tensor]
         for name, part in zip(names, parts, strict=True):

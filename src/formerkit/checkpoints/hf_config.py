@@ -2,7 +2,8 @@
 
 The translation reads the fields of each family (GPT-2, the Llama family, BERT) rather than
 a registry of model names: any checkpoint of a supported ``model_type`` works whatever
-its sizes. ``family_of`` names the weight layout a config uses.
+its sizes. ``family_of`` names the weight layout a config uses. The encoder-decoder
+families (BART, T5) are translated in ``hf_seq2seq``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from formerkit.config import ModelConfig
 from formerkit.errors import ConfigError
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_TYPES = ("gpt2", "bert", *LLAMA_TYPES)
+SUPPORTED_TYPES = ("gpt2", "bert", "vit", "bart", "t5", *LLAMA_TYPES)
 
 _HF_ACTIVATIONS = {
     "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
@@ -23,10 +24,17 @@ _TO_HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "s
 _BERT_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
 
 
+def _seq2seq():
+    """The BART/T5 translations, imported on use (that module builds on this one's helpers)."""
+    from formerkit.checkpoints import hf_seq2seq
+
+    return hf_seq2seq
+
+
 def head_from_architectures(hf: dict[str, Any], default: str) -> str:
     """Pick the formerkit head from the ``architectures`` class names of a HF config."""
     for arch in hf.get("architectures") or []:
-        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+        if arch.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")):
             return "lm"
         if arch.endswith(("ForMaskedLM", "ForPreTraining")):
             return "mlm"
@@ -134,17 +142,26 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         values = _from_llama(hf)
     elif model_type == "bert":
         values = _from_bert(hf)
+    elif model_type == "vit":
+        values = _from_vit(hf)
+    elif model_type == "bart":
+        values = _seq2seq().from_bart(hf)
+    elif model_type == "t5":
+        values = _seq2seq().from_t5(hf)
     else:
         raise ConfigError(f'Hugging Face model_type "{model_type}" is not supported; formerkit reads '
                           f"{', '.join(SUPPORTED_TYPES)}")
-    if values["head"] == "classifier" and model_type != "bert":
+    if values["head"] == "classifier" and model_type not in ("bert", "vit"):
         raise ConfigError(f"sequence-classification checkpoints are read for BERT only, not {model_type}")
     return ModelConfig.from_dict(values)
 
 
 def family_of(cfg: ModelConfig) -> str:
     """Name the Hugging Face model_type whose layout can hold ``cfg``, or raise ConfigError."""
-    if cfg.kind == "encoder":
+    if cfg.patch_size is not None:
+        problems = _vit_problems(cfg)
+        family = "vit"
+    elif cfg.kind == "encoder":
         problems = _mismatches(cfg, position="learned", norm="layernorm", norm_placement="post", final_norm=False,
                                embed_norm=True, gated=False, qkv_bias=True, out_bias=True, mlp_bias=True,
                                norm_bias=True, parallel_block=False, qk_norm=False, embed_scale=False,
@@ -152,6 +169,8 @@ def family_of(cfg: ModelConfig) -> str:
         if cfg.type_vocab_size == 0:
             problems.append("type_vocab_size=0 (BERT needs token type embeddings)")
         family = "bert"
+    elif cfg.kind == "encoder-decoder":
+        family, problems = _seq2seq().seq2seq_family(cfg)
     elif cfg.kind == "decoder" and cfg.position == "learned":
         problems = _mismatches(cfg, norm="layernorm", norm_placement="pre", final_norm=True, gated=False,
                                qkv_bias=True, out_bias=True, mlp_bias=True, norm_bias=True, parallel_block=False,
@@ -177,8 +196,8 @@ def family_of(cfg: ModelConfig) -> str:
     else:
         raise ConfigError(f"no Hugging Face family matches kind={cfg.kind!r} with position={cfg.position!r}; "
                           "save with format='native' instead")
-    if cfg.head == "classifier" and family != "bert":
-        problems.append("head='classifier' (only BERT classifiers are written in the Hugging Face layout)")
+    if cfg.head == "classifier" and family not in ("bert", "vit"):
+        problems.append("head='classifier' (only BERT and ViT classifiers are written in the Hugging Face layout)")
     if problems:
         raise ConfigError(f"this config cannot be written as a Hugging Face {family} model: "
                           f"{'; '.join(problems)}; save with format='native' instead")
@@ -199,12 +218,18 @@ def architecture_name(family: str, head: str) -> str:
     """The transformers class name for a family and head, e.g. ('gpt2', 'lm') -> 'GPT2LMHeadModel'."""
     if family == "gpt2" and head == "lm":
         return "GPT2LMHeadModel"
+    if family == "vit":
+        return "ViTForImageClassification" if head == "classifier" else "ViTModel"
+    if family in ("bart", "t5"):
+        return _seq2seq().architecture(family, head)
     return _ARCH_PREFIX[family] + _ARCH_SUFFIX[head]
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """Return the Hugging Face config dict for ``cfg``; raise ConfigError if no family fits."""
     family = family_of(cfg)
+    if family == "vit":
+        return _vit_to_hf(cfg)
     common: dict[str, Any] = {
         "model_type": family, "architectures": [architecture_name(family, cfg.head)],
         "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32",
@@ -214,6 +239,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         common["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
     if cfg.pad_token_id is not None:
         common["pad_token_id"] = cfg.pad_token_id
+    if family in ("bart", "t5"):
+        return {**common, **_seq2seq().seq2seq_to_hf(cfg, family)}
     if family == "gpt2":
         return {**common, "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
                 "n_inner": cfg.d_ff, "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len,
@@ -240,4 +267,75 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         raise ConfigError(f"mlp_bias=True cannot be written as a Hugging Face {family} model; use format='native'")
     if family == "mistral":
         out["sliding_window"] = cfg.sliding_window
+    return out
+
+
+# ---- ViT: a pre-LN encoder over patches with a CLS token; no token table (vocab_size is unused: 1) ----------
+_VIT_HEADS = {"ViTForImageClassification": "classifier", "ViTModel": "none"}
+
+
+def _square(hf: dict[str, Any], key: str, default: int) -> int:
+    value = hf.get(key, default)
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ConfigError(f"ViT {key}={value} is not square; formerkit reads square images and patches only")
+        value = value[0]
+    return int(value)
+
+
+def _from_vit(hf: dict[str, Any]) -> dict[str, Any]:
+    architectures = hf.get("architectures") or ["ViTModel"]
+    heads = [_VIT_HEADS[a] for a in architectures if a in _VIT_HEADS]
+    if not heads:
+        raise ConfigError(f"ViT architecture {', '.join(architectures)} is not supported; formerkit reads "
+                          f"{' and '.join(_VIT_HEADS)}")
+    head = heads[0]
+    d_model = hf.get("hidden_size", 768)
+    pooler_size = hf.get("pooler_output_size")
+    if head == "none" and (hf.get("pooler_act", "tanh") != "tanh" or pooler_size not in (None, d_model)):
+        raise ConfigError("ViTModel with a pooler other than tanh(dense) of size hidden_size is not supported")
+    image_size, patch_size = _square(hf, "image_size", 224), _square(hf, "patch_size", 16)
+    dropout = hf.get("hidden_dropout_prob", 0.0)
+    return {
+        "kind": "encoder", "vocab_size": 1, "d_model": d_model, "n_layers": hf.get("num_hidden_layers", 12),
+        "n_heads": hf.get("num_attention_heads", 12), "d_ff": hf.get("intermediate_size", 3072),
+        "max_seq_len": (image_size // patch_size) ** 2 + 1, "position": "learned", "norm": "layernorm",
+        "norm_placement": "pre", "final_norm": True, "norm_eps": hf.get("layer_norm_eps", 1e-12),
+        "activation": _activation(hf, "hidden_act", "gelu"), "qkv_bias": bool(hf.get("qkv_bias", True)),
+        "attn_dropout": hf.get("attention_probs_dropout_prob", 0.0), "resid_dropout": dropout,
+        "embed_dropout": dropout, "tie_embeddings": False, "head": head, "num_labels": _num_labels(hf),
+        "pooler": head == "none", "pooling": "cls", "image_size": image_size, "patch_size": patch_size,
+        "num_channels": hf.get("num_channels", 3),
+    }
+
+
+def _vit_problems(cfg: ModelConfig) -> list[str]:
+    problems = _mismatches(cfg, position="learned", norm="layernorm", norm_placement="pre", final_norm=True,
+                           embed_norm=False, gated=False, out_bias=True, mlp_bias=True, norm_bias=True,
+                           parallel_block=False, qk_norm=False, embed_scale=False, sliding_window=None, d_head=None,
+                           n_kv_heads=None, attn_scale=None, pooling="cls", position_offset=0)
+    if cfg.max_seq_len != cfg.num_image_tokens:
+        problems.append(f"max_seq_len={cfg.max_seq_len} (needs {cfg.num_image_tokens}: ViT has one position per "
+                        "patch plus the CLS token)")
+    if cfg.head == "none" and not cfg.pooler:
+        problems.append("pooler=False (ViTModel carries a tanh pooler over the CLS token)")
+    if cfg.head == "classifier" and cfg.pooler:
+        problems.append("pooler=True (ViTForImageClassification has no pooler)")
+    return problems
+
+
+def _vit_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "model_type": "vit", "architectures": [architecture_name("vit", cfg.head)], "torch_dtype": "float32",
+        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "intermediate_size": cfg.d_ff, "hidden_act": _BERT_ACTIVATION[cfg.activation],
+        "hidden_dropout_prob": cfg.resid_dropout, "attention_probs_dropout_prob": cfg.attn_dropout,
+        "layer_norm_eps": cfg.norm_eps, "image_size": cfg.image_size, "patch_size": cfg.patch_size,
+        "num_channels": cfg.num_channels, "qkv_bias": cfg.qkv_bias,
+    }
+    if cfg.head == "classifier":
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+    else:
+        out.update(pooler_output_size=cfg.d_model, pooler_act="tanh")
     return out

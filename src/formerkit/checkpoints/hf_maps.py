@@ -3,7 +3,11 @@
 Each rule is ``(ours, theirs, transform)``; ``{i}`` stands for a layer index and ``{p}`` for
 ``weight``/``bias``. ``theirs`` is a tuple when several Hugging Face tensors make one of ours
 (q, k, v concatenated into the fused ``qkv`` projection). Transforms:
-``copy``; ``t`` (GPT-2's Conv1D stores weights transposed); ``cat`` (concatenate along dim 0).
+``copy``; ``t`` (GPT-2's Conv1D stores weights transposed); ``cat`` (concatenate along dim 0);
+``unbatch`` (ViT stores its position table as a (1, N, D) parameter; ours is the (N, D) weight);
+``tied`` (one tensor kept under several names, BART's and T5's ``shared`` table and its
+encoder/decoder copies: the first name is required, the others must equal it where present,
+and all are written).
 Names in ``BASE`` tables live under the family's base-model prefix (``transformer.``,
 ``model.``, ``bert.``) in checkpoints that carry a head; ``HEAD`` names never do.
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 Rule = tuple[str, tuple[str, ...], str]
 
 BASE_PREFIX = {"gpt2": "transformer.", "bert": "bert.", "llama": "model.", "mistral": "model.",
-               "qwen2": "model.", "qwen3": "model."}
+               "qwen2": "model.", "qwen3": "model.", "vit": "vit.", "bart": "model.", "t5": ""}
 
 _GPT2_BASE: list[Rule] = [
     ("tok_embed.weight", ("wte.weight",), "copy"),
@@ -72,10 +76,104 @@ _BERT_HEAD: list[Rule] = [
     ("classifier.out.{p}", ("classifier.{p}",), "copy"),
 ]
 
+# ViT as transformers writes it (the hub layout; transformers renames it on load).
+_VIT_BASE: list[Rule] = [
+    ("patch_embed.cls_token", ("embeddings.cls_token",), "copy"),
+    ("patch_embed.proj.{p}", ("embeddings.patch_embeddings.projection.{p}",), "copy"),
+    ("pos_embed.weight", ("embeddings.position_embeddings",), "unbatch"),
+    ("blocks.{i}.ln1.{p}", ("encoder.layer.{i}.layernorm_before.{p}",), "copy"),
+    ("blocks.{i}.attn.qkv.{p}", ("encoder.layer.{i}.attention.attention.query.{p}",
+                                 "encoder.layer.{i}.attention.attention.key.{p}",
+                                 "encoder.layer.{i}.attention.attention.value.{p}"), "cat"),
+    ("blocks.{i}.attn.out.{p}", ("encoder.layer.{i}.attention.output.dense.{p}",), "copy"),
+    ("blocks.{i}.ln2.{p}", ("encoder.layer.{i}.layernorm_after.{p}",), "copy"),
+    ("blocks.{i}.mlp.fc_in.{p}", ("encoder.layer.{i}.intermediate.dense.{p}",), "copy"),
+    ("blocks.{i}.mlp.fc_out.{p}", ("encoder.layer.{i}.output.dense.{p}",), "copy"),
+    ("ln_final.{p}", ("layernorm.{p}",), "copy"),
+    ("pooler.dense.{p}", ("pooler.dense.{p}",), "copy"),
+]
+
+_VIT_HEAD: list[Rule] = [("classifier.out.{p}", ("classifier.{p}",), "copy")]
+
+
+def _both_stacks(rules: list[Rule]) -> list[Rule]:
+    """Write rules templated by ``{s}`` (stack) and ``{ff}`` (T5's feed-forward sublayer) for encoder and decoder."""
+    out = []
+    for stack, ff in (("encoder", "1"), ("decoder", "2")):
+        out += [(_fill(ours, stack, ff), tuple(_fill(t, stack, ff) for t in theirs), transform)
+                for ours, theirs, transform in rules]
+    return out
+
+
+def _fill(name: str, stack: str, ff: str) -> str:
+    return name.replace("{s}", stack).replace("{ff}", ff)
+
+
+# One token table for encoder, decoder and (tied) output; checkpoints may also hold the stacks' copies.
+_SHARED_EMBED: list[Rule] = [
+    ("tok_embed.weight", ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"), "tied"),
+]
+
+_BART_BASE: list[Rule] = _SHARED_EMBED + _both_stacks([
+    ("{s}.pos_embed.weight", ("{s}.embed_positions.weight",), "copy"),
+    ("{s}.embed_norm.{p}", ("{s}.layernorm_embedding.{p}",), "copy"),
+    ("{s}.blocks.{i}.attn.qkv.{p}", ("{s}.layers.{i}.self_attn.q_proj.{p}", "{s}.layers.{i}.self_attn.k_proj.{p}",
+                                     "{s}.layers.{i}.self_attn.v_proj.{p}"), "cat"),
+    ("{s}.blocks.{i}.attn.out.{p}", ("{s}.layers.{i}.self_attn.out_proj.{p}",), "copy"),
+    ("{s}.blocks.{i}.ln1.{p}", ("{s}.layers.{i}.self_attn_layer_norm.{p}",), "copy"),
+    ("{s}.blocks.{i}.mlp.fc_in.{p}", ("{s}.layers.{i}.fc1.{p}",), "copy"),
+    ("{s}.blocks.{i}.mlp.fc_out.{p}", ("{s}.layers.{i}.fc2.{p}",), "copy"),
+    ("{s}.blocks.{i}.ln2.{p}", ("{s}.layers.{i}.final_layer_norm.{p}",), "copy"),
+]) + [
+    ("decoder.blocks.{i}.cross_attn.q.{p}", ("decoder.layers.{i}.encoder_attn.q_proj.{p}",), "copy"),
+    ("decoder.blocks.{i}.cross_attn.kv.{p}", ("decoder.layers.{i}.encoder_attn.k_proj.{p}",
+                                              "decoder.layers.{i}.encoder_attn.v_proj.{p}"), "cat"),
+    ("decoder.blocks.{i}.cross_attn.out.{p}", ("decoder.layers.{i}.encoder_attn.out_proj.{p}",), "copy"),
+    ("decoder.blocks.{i}.ln_cross.{p}", ("decoder.layers.{i}.encoder_attn_layer_norm.{p}",), "copy"),
+]
+
+_BART_HEAD: list[Rule] = [
+    ("lm_head.proj.weight", ("lm_head.weight",), "copy"),
+    ("lm_head.proj.bias", ("final_logits_bias",), "unbatch"),  # a (1, vocab) buffer in the checkpoint
+]
+
+# T5: the first layer of each stack holds the stack's relative position bias; sublayer 0 is
+# self-attention, then (decoder) 1 cross-attention, then the feed-forward sublayer {ff}.
+_T5_STACK: list[Rule] = [
+    ("{s}.pos_bias.weight", ("{s}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",), "copy"),
+    ("{s}.blocks.{i}.ln1.weight", ("{s}.block.{i}.layer.0.layer_norm.weight",), "copy"),
+    ("{s}.blocks.{i}.attn.qkv.weight", ("{s}.block.{i}.layer.0.SelfAttention.q.weight",
+                                        "{s}.block.{i}.layer.0.SelfAttention.k.weight",
+                                        "{s}.block.{i}.layer.0.SelfAttention.v.weight"), "cat"),
+    ("{s}.blocks.{i}.attn.out.weight", ("{s}.block.{i}.layer.0.SelfAttention.o.weight",), "copy"),
+    ("{s}.blocks.{i}.ln2.weight", ("{s}.block.{i}.layer.{ff}.layer_norm.weight",), "copy"),
+    ("{s}.blocks.{i}.mlp.fc_out.weight", ("{s}.block.{i}.layer.{ff}.DenseReluDense.wo.weight",), "copy"),
+    ("{s}.ln_final.weight", ("{s}.final_layer_norm.weight",), "copy"),
+]
+
+_T5_CROSS: list[Rule] = [
+    ("decoder.blocks.{i}.ln_cross.weight", ("decoder.block.{i}.layer.1.layer_norm.weight",), "copy"),
+    ("decoder.blocks.{i}.cross_attn.q.weight", ("decoder.block.{i}.layer.1.EncDecAttention.q.weight",), "copy"),
+    ("decoder.blocks.{i}.cross_attn.kv.weight", ("decoder.block.{i}.layer.1.EncDecAttention.k.weight",
+                                                 "decoder.block.{i}.layer.1.EncDecAttention.v.weight"), "cat"),
+    ("decoder.blocks.{i}.cross_attn.out.weight", ("decoder.block.{i}.layer.1.EncDecAttention.o.weight",), "copy"),
+]
+
+_T5_MLP: list[Rule] = [("{s}.blocks.{i}.mlp.fc_in.weight", ("{s}.block.{i}.layer.{ff}.DenseReluDense.wi.weight",),
+                        "copy")]
+_T5_GATED_MLP: list[Rule] = [  # T5 v1.1: act(wi_0 x) * wi_1 x
+    ("{s}.blocks.{i}.mlp.fc_gate.weight", ("{s}.block.{i}.layer.{ff}.DenseReluDense.wi_0.weight",), "copy"),
+    ("{s}.blocks.{i}.mlp.fc_in.weight", ("{s}.block.{i}.layer.{ff}.DenseReluDense.wi_1.weight",), "copy"),
+]
+
 TABLES: dict[str, tuple[list[Rule], list[Rule]]] = {
     "gpt2": (_GPT2_BASE, _CAUSAL_HEAD),
     "bert": (_BERT_BASE, _BERT_HEAD),
+    "vit": (_VIT_BASE, _VIT_HEAD),
     **{name: (_LLAMA_BASE, _CAUSAL_HEAD) for name in ("llama", "mistral", "qwen2", "qwen3")},
+    "bart": (_BART_BASE, _BART_HEAD),
+    "t5": (_SHARED_EMBED + _both_stacks(_T5_STACK + _T5_MLP) + _T5_CROSS, _CAUSAL_HEAD),
+    "t5-gated": (_SHARED_EMBED + _both_stacks(_T5_STACK + _T5_GATED_MLP) + _T5_CROSS, _CAUSAL_HEAD),
 }
 
 # Tensors some checkpoints carry that hold no weights of their own (buffers, tied copies,
@@ -83,18 +181,33 @@ TABLES: dict[str, tuple[list[Rule], list[Rule]]] = {
 IGNORED = {
     "gpt2": [r"h\.\d+\.attn\.(masked_)?bias"],
     "bert": [r"embeddings\.position_ids", r"cls\.predictions\.decoder\.bias", r"cls\.seq_relationship\..*"],
+    "vit": [],
     **{name: [r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq"] for name in ("llama", "mistral", "qwen2", "qwen3")},
+    "bart": [],
+    "t5": [r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight"],  # unused by T5
 }
 
 
-def expand(family: str, n_layers: int) -> list[tuple[str, tuple[str, ...], str, bool]]:
-    """List concrete ``(ours, theirs, transform, is_head)`` names for a model of ``n_layers``."""
+def table_name(family: str, gated: bool) -> str:
+    """The ``TABLES`` key for a family's layout: T5 with a gated MLP (v1.1) has its own table."""
+    return "t5-gated" if family == "t5" and gated else family
+
+
+def expand(
+    family: str, n_layers: int, n_decoder_layers: int | None = None
+) -> list[tuple[str, tuple[str, ...], str, bool]]:
+    """List concrete ``(ours, theirs, transform, is_head)`` names for a model of ``n_layers``.
+
+    ``family`` is a ``TABLES`` key. Rules for ``decoder.`` names of an encoder-decoder count
+    ``n_decoder_layers`` layers (default: ``n_layers``).
+    """
     base, head = TABLES[family]
     out = []
     for rules, is_head in ((base, False), (head, True)):
         for ours, theirs, transform in rules:
+            depth = n_decoder_layers if ours.startswith("decoder.") and n_decoder_layers is not None else n_layers
             for p in ("weight", "bias") if "{p}" in ours else ("",):
-                for i in range(n_layers) if "{i}" in ours else (0,):
+                for i in range(depth) if "{i}" in ours else (0,):
                     fill = {"i": i, "p": p}
                     out.append((ours.format(**fill), tuple(t.format(**fill) for t in theirs), transform, is_head))
     return out

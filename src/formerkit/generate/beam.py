@@ -72,7 +72,8 @@ def _check_args(model: Transformer, input_ids: torch.Tensor, attention_mask: tor
         if cfg.kind == "decoder" and not bool(attention_mask[:, -1].all()):
             raise InputError("prompts must be left-padded: attention_mask[:, -1] must be 1 in every row")
     if cfg.kind == "encoder-decoder" and decoder_start_token_id is None:
-        raise InputError("an encoder-decoder model needs decoder_start_token_id to start decoding from")
+        raise InputError("an encoder-decoder model needs decoder_start_token_id to start decoding from: pass it, "
+                         "or set the config field")
     if cfg.kind == "decoder" and decoder_start_token_id is not None:
         raise InputError("decoder_start_token_id is for encoder-decoder models; a decoder-only model "
                          "continues its prompt")
@@ -140,7 +141,10 @@ def beam_search(
     estimating its best score at the current length (False) or, for length_penalty > 0, at
     max_new_tokens ("never"). This is the reference library's ``generate(num_beams=...)``.
     Returns a BeamOutput; sequences are padded with pad_token_id (default: the first EOS id).
+    decoder_start_token_id defaults to the config's (BART: 2, T5: its pad id 0, from config.json).
     """
+    if decoder_start_token_id is None:
+        decoder_start_token_id = model.config.decoder_start_token_id
     _check_args(model, input_ids, attention_mask, num_beams, max_new_tokens, early_stopping, num_return_sequences,
                 decoder_start_token_id)
     device = input_ids.device

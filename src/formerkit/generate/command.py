@@ -7,6 +7,7 @@ import sys
 
 from formerkit.checkpoints import from_pretrained
 from formerkit.generate.stream import generate_text
+from formerkit.generate.translate import beam_texts
 from formerkit.tokenizers import load_tokenizer
 
 
@@ -15,6 +16,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model = from_pretrained(args.checkpoint)
     tokenizer = load_tokenizer(args.checkpoint)
     prompts = args.prompt or [""]
+    if args.num_beams > 1:  # beam search: the best hypothesis of each prompt, printed when done
+        texts = beam_texts(model, tokenizer, prompts, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+        for i, text in enumerate(texts):
+            print(text if len(texts) == 1 else f"--- {i + 1} ---\n{text}")
+        return
     options = dict(max_new_tokens=args.max_new_tokens, stop_strings=args.stop, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                    repetition_penalty=args.repetition_penalty, seed=args.seed)
@@ -47,5 +53,8 @@ def add_generate_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--stop", action="append", metavar="STR", help="stop a text once it contains STR (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     p.add_argument("--no-stream", action="store_true", help="print a single prompt's text only when it is done")
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="beam search with this many beams (> 1; e.g. to translate with an encoder-decoder run); "
+                        "the sampling options and --stop do not apply")
     p.set_defaults(func=cmd_generate)
     return p

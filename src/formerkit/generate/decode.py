@@ -155,7 +155,8 @@ def make_plan(model: nn.Module, input_ids: torch.Tensor | Sequence[Sequence[int]
     eos = _eos_ids(eos_token_id, cfg.vocab_size)
     pad = _token_id("pad_token_id", pad_token_id if pad_token_id is not None else (eos[0] if eos else 0),
                     cfg.vocab_size)
-    start = decoder_start_token_id if decoder_start_token_id is not None else (pad_token_id or 0)
+    start = decoder_start_token_id if decoder_start_token_id is not None else cfg.decoder_start_token_id
+    start = start if start is not None else (pad_token_id or 0)
     start = _token_id("decoder_start_token_id", start, cfg.vocab_size)
     encoder_decoder = cfg.kind == "encoder-decoder"
     ids, mask = _as_batch(input_ids, attention_mask, pad, left=not encoder_decoder,
@@ -301,7 +302,8 @@ def generate(
 
     Returns (B, T + n) ids: the (padded) prompts and n <= max_new_tokens new columns.
     Encoder-decoder models: input_ids is the source; decoding starts from
-    decoder_start_token_id (default: pad_token_id, else 0) and the result is the decoder
+    decoder_start_token_id (default: the config's decoder_start_token_id, else pad_token_id,
+    else 0) and the result is the decoder
     ids (B, 1 + n), start token first.
     """
     plan = make_plan(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature,

@@ -1,4 +1,4 @@
-"""Attention masks: causal, padding, sliding window and ALiBi folded into one additive bias."""
+"""Attention masks: causal, padding, sliding window, ALiBi and learned biases folded into one additive bias."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ def attention_bias(
     key_mask: torch.Tensor | None = None,
     sliding_window: int | None = None,
     alibi: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    position_bias: torch.Tensor | None = None,
     device: torch.device | None = None,
 ) -> torch.Tensor | None:
     """Build the additive attention bias for one stack, or None when a plain causal flag will do.
 
     key_mask: (B, Tk) with 1 for real tokens and 0 for padding. alibi: (slopes, q_pos, k_pos).
+    position_bias: a learned bias (B, H, Tq, Tk) added to the scores (T5's relative positions).
     sliding_window: a causal query sees the last ``sliding_window`` keys (itself included); a
     bidirectional one sees keys less than ``sliding_window`` positions away on either side.
     Query i sits at index k_len - q_len + i among the keys (queries are the last tokens).
@@ -28,7 +30,7 @@ def attention_bias(
     attend to yields a uniform (finite) distribution instead of NaN.
     Returns (B or 1, H or 1, Tq, Tk) in ``dtype``, or None.
     """
-    if key_mask is None and sliding_window is None and alibi is None:
+    if key_mask is None and sliding_window is None and alibi is None and position_bias is None:
         return None
     q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (Tq, 1)
     k_idx = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
@@ -44,4 +46,6 @@ def attention_bias(
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
     if alibi is not None:
         bias = bias + alibi_bias(*alibi).to(dtype)  # (B, H, Tq, Tk)
+    if position_bias is not None:
+        bias = bias + position_bias.to(dtype)  # (B, H, Tq, Tk)
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)

@@ -1,7 +1,8 @@
-"""Position schemes: sinusoidal tables, rotary embeddings (RoPE) and ALiBi biases.
+"""Position schemes: sinusoidal tables, rotary embeddings (RoPE), ALiBi and T5's relative biases.
 
 Learned absolute positions are a plain ``nn.Embedding`` owned by the model; "none" (NoPE)
-adds nothing. Every function here is a closed form of the positions it is given.
+adds nothing. Every function here is a closed form of the positions it is given;
+``RelativePositionBias`` looks up learned per-head values for closed-form buckets.
 """
 
 from __future__ import annotations
@@ -80,3 +81,44 @@ def alibi_bias(slopes: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -
     """
     distance = (q_pos[:, :, None] - k_pos[:, None, :]).abs().float()  # (B, Tq, Tk)
     return -slopes.to(distance.device)[None, :, None, None] * distance[:, None]
+
+
+def relative_bucket(offset: torch.Tensor, *, bidirectional: bool, n_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's bucket of each key-minus-query offset (Raffel et al., from Mesh TensorFlow).
+
+    Bidirectional: half of the buckets for keys before the query, half for keys after it;
+    causal: all buckets for keys at or before it (later keys fall into bucket 0). Within a
+    direction, the first half of the buckets holds the distances 0, 1, ... exactly and the
+    other half logarithmically wider ranges up to max_distance; farther keys share the last.
+    offset: integer tensor of k_pos - q_pos. Returns a long tensor of the same shape in [0, n_buckets).
+    """
+    n = n_buckets // 2 if bidirectional else n_buckets
+    if bidirectional:
+        base = (offset > 0).long() * n  # keys after the query use the upper half
+        distance = offset.abs()
+    else:
+        base = torch.zeros_like(offset, dtype=torch.long)
+        distance = (-offset).clamp(min=0)
+    exact = n // 2
+    log_ratio = torch.log(distance.clamp(min=exact).float() / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (n - exact)).long()).clamp(max=n - 1)
+    return base + torch.where(distance < exact, distance, far)
+
+
+class RelativePositionBias(nn.Module):
+    """T5's learned relative position bias: one scalar per (bucket, head), added to attention scores.
+
+    ``weight`` is (n_buckets, n_heads). Every layer of a stack shares the bias of the stack.
+    """
+
+    def __init__(self, n_buckets: int, max_distance: int, n_heads: int, *, bidirectional: bool) -> None:
+        super().__init__()
+        self.n_buckets, self.max_distance, self.bidirectional = n_buckets, max_distance, bidirectional
+        self.weight = nn.Parameter(torch.zeros(n_buckets, n_heads))
+
+    def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """The bias for query positions q_pos (B, Tq) and key positions k_pos (B, Tk): (B, H, Tq, Tk)."""
+        offset = k_pos[:, None, :] - q_pos[:, :, None]  # (B, Tq, Tk)
+        buckets = relative_bucket(offset, bidirectional=self.bidirectional, n_buckets=self.n_buckets,
+                                  max_distance=self.max_distance)
+        return self.weight[buckets].permute(0, 3, 1, 2)  # (B, Tq, Tk, H) -> (B, H, Tq, Tk)

@@ -29,20 +29,28 @@ def _opt(default: Any, help: str) -> Any:
 class DataSection:
     """Where the text comes from and how it becomes tokens."""
 
-    source: str | None = _opt(None, "text file, directory, glob or .jsonl; empty: the Python standard library's source")
+    source: str | None = _opt(None, "text file, directory, glob or .jsonl; empty: the Python standard library's source"
+                                    "; seq2seq: a TSV/.jsonl file of pairs or synthetic:digits-to-words | "
+                                    "synthetic:words-to-digits; image-classify: digits (sklearn's 8x8 digits; also "
+                                    "when empty), an .npz with images + labels, or a folder of class folders of images")
     text_field: str = _opt("text", "JSONL field holding the text")
     label_field: str = _opt("label", "JSONL field holding the class label (objective=classify)")
     tokenizer: str = _opt("bpe", "byte | char | bpe | path to a tokenizer.json or saved tokenizer dir")
     vocab_size: int = _opt(8192, "BPE vocabulary size when training a BPE tokenizer")
     val_fraction: float = _opt(0.05, "share of documents held out for validation")
     cache_dir: str | None = _opt(None, "token cache directory (default: ~/.cache/formerkit/tokens)")
+    source_field: str = _opt("source", "JSONL key of the source text (objective=seq2seq)")
+    target_field: str = _opt("target", "JSONL key of the target text (objective=seq2seq)")
+    synthetic_size: int = _opt(50000, "pairs generated for a synthetic:NAME source, train + held-out (seq2seq)")
+    test_fraction: float = _opt(0.2, "share of each class held out as the test set, fixed seed (image-classify)")
+    augment_shift: int = _opt(0, "shift training images by up to N pixels at random (image-classify; 0: off)")
 
 
 @dataclass
 class TrainSection:
     """The loop itself."""
 
-    objective: str = _opt("causal", "causal | mlm | classify")
+    objective: str = _opt("causal", "causal | mlm | classify | seq2seq | image-classify")
     steps: int = _opt(1000, "optimizer steps to train for")
     max_minutes: float | None = _opt(None, "stop (with a checkpoint) after this many minutes")
     batch_size: int = _opt(16, "sequences per optimizer step, across all processes and micro-steps")
@@ -54,6 +62,8 @@ class TrainSection:
     seed: int = _opt(0, "seed for initialization, data order, dropout and masking")
     mlm_probability: float = _opt(0.15, "share of tokens masked for objective=mlm (80% mask, 10% random, 10% kept)")
     fsdp: bool = _opt(False, "shard parameters and optimizer state with FSDP (under torchrun)")
+    threads: int = _opt(0, "CPU threads torch may use (0: torch's default); 1 suits tiny models on a busy machine")
+    label_smoothing: float = _opt(0.1, "label smoothing of the seq2seq loss (0: plain cross-entropy)")
 
 
 @dataclass
@@ -61,6 +71,8 @@ class OptimSection:
     """AdamW and its schedule."""
 
     lr: float = _opt(1e-3, "peak learning rate")
+    schedule: str = _opt("cosine", "cosine (warmup, then cosine decay) | inverse_sqrt (warmup, then lr * "
+                                   "sqrt(warmup / step), the original Transformer's)")
     min_lr_ratio: float = _opt(0.1, "final learning rate as a share of the peak (cosine decay)")
     warmup_steps: int = _opt(100, "linear warmup steps")
     weight_decay: float = _opt(0.1, "AdamW weight decay (not applied to norms, biases, embeddings)")
@@ -76,6 +88,9 @@ class EvalSection:
 
     every: int = _opt(200, "evaluate every N steps (and at the end)")
     batches: int = _opt(20, "validation batches per evaluation")
+    translate_pairs: int = _opt(500, "held-out pairs translated with beam search per evaluation (seq2seq)")
+    num_beams: int = _opt(4, "beam width of evaluation translations (seq2seq; 1: greedy)")
+    max_new_tokens: int = _opt(128, "most tokens generated per evaluation translation (seq2seq)")
 
 
 @dataclass
@@ -95,7 +110,7 @@ class LogSection:
     every: int = _opt(10, "log train metrics every N steps")
     progress: bool = _opt(True, "show a progress bar")
     tensorboard: bool = _opt(True, "write TensorBoard event files")
-    samples: int = _opt(3, "text samples printed at the end (causal LM)")
+    samples: int = _opt(3, "text samples printed at the end (causal LM; seq2seq: held-out example translations)")
     sample_tokens: int = _opt(120, "tokens per sample")
 
 
@@ -231,8 +246,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 
 def _validate(cfg: TrainConfig) -> None:
     t, o = cfg.train, cfg.optim
-    choices = {"train.objective": (t.objective, ("causal", "mlm", "classify")),
-               "train.precision": (t.precision, ("bf16", "fp32"))}
+    choices = {"train.objective": (t.objective, ("causal", "mlm", "classify", "seq2seq", "image-classify")),
+               "train.precision": (t.precision, ("bf16", "fp32")),
+               "optim.schedule": (o.schedule, ("cosine", "inverse_sqrt"))}
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}{did_you_mean(str(value), allowed)}")
@@ -240,7 +256,10 @@ def _validate(cfg: TrainConfig) -> None:
                         ("train.grad_accum", t.grad_accum), ("train.seq_len", t.seq_len),
                         ("eval.every", cfg.eval.every), ("eval.batches", cfg.eval.batches),
                         ("checkpoint.every", cfg.checkpoint.every), ("checkpoint.keep", cfg.checkpoint.keep),
-                        ("log.every", cfg.log.every), ("data.vocab_size", cfg.data.vocab_size)]:
+                        ("log.every", cfg.log.every), ("data.vocab_size", cfg.data.vocab_size),
+                        ("data.synthetic_size", cfg.data.synthetic_size),
+                        ("eval.translate_pairs", cfg.eval.translate_pairs), ("eval.num_beams", cfg.eval.num_beams),
+                        ("eval.max_new_tokens", cfg.eval.max_new_tokens)]:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if t.batch_size % t.grad_accum:
@@ -253,10 +272,19 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    if not 0 < cfg.data.test_fraction < 1:
+        raise ConfigError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
+    for name, value in [("data.augment_shift", cfg.data.augment_shift), ("train.threads", t.threads)]:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
     if not 0 < t.mlm_probability < 1:
         raise ConfigError(f"train.mlm_probability must be in (0, 1), got {t.mlm_probability}")
     if t.max_minutes is not None and t.max_minutes <= 0:
         raise ConfigError(f"train.max_minutes must be positive, got {t.max_minutes}")
+    if not 0 <= t.label_smoothing < 1:
+        raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    if o.schedule == "inverse_sqrt" and o.warmup_steps < 1:
+        raise ConfigError("optim.schedule=inverse_sqrt needs optim.warmup_steps >= 1 (the peak comes at its end)")
     known = {f.name for f in fields(ModelConfig)} | {"preset"}
     for key in cfg.model:
         if key not in known:

@@ -1,4 +1,4 @@
-"""AdamW with weight-decay groups, and the warmup + cosine learning-rate schedule."""
+"""AdamW with weight-decay groups, and the learning-rate schedules: warmup + cosine, warmup + inverse square root."""
 
 from __future__ import annotations
 
@@ -34,8 +34,24 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
+def inverse_sqrt_lr(step: int, peak: float, warmup_steps: int) -> float:
+    """``peak * min(s / warmup, sqrt(warmup / s))`` for s = step + 1: linear warmup, then decay as 1 / sqrt(s).
+
+    The original Transformer's ``d_model ** -0.5 * min(s ** -0.5, s * warmup ** -1.5)`` is this
+    with ``peak = (d_model * warmup) ** -0.5``.
+    """
+    s = step + 1
+    return peak * min(s / warmup_steps, math.sqrt(warmup_steps / s))
+
+
 def lr_at(step: int, cfg: OptimSection, total_steps: int) -> float:
-    """Learning rate for 0-based ``step``: linear warmup to ``lr``, then cosine to ``lr * min_lr_ratio``."""
+    """Learning rate for 0-based ``step`` under ``cfg.schedule``.
+
+    cosine: linear warmup to ``lr``, then cosine to ``lr * min_lr_ratio`` at ``total_steps``.
+    inverse_sqrt: see ``inverse_sqrt_lr``.
+    """
+    if cfg.schedule == "inverse_sqrt":
+        return inverse_sqrt_lr(step, cfg.lr, cfg.warmup_steps)
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     span = max(1, total_steps - cfg.warmup_steps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -12,7 +13,9 @@ from formerkit.errors import ConfigError, DataError
 from formerkit.tokenizers import build_tokenizer, load_tokenizer
 from formerkit.train.config import TrainConfig
 from formerkit.train.distributed import DistInfo, barrier
+from formerkit.train.images import ImageClassification, image_model_options, image_splits
 from formerkit.train.objectives import CausalLM, Classification, MaskedLM
+from formerkit.train.seq2seq import build_seq2seq, run_pairs
 
 DEFAULT_CACHE = Path.home() / ".cache" / "formerkit" / "tokens"
 
@@ -20,12 +23,17 @@ DEFAULT_CACHE = Path.home() / ".cache" / "formerkit" / "tokens"
 def prepare_tokenizer(cfg: TrainConfig, run_dir: Path, resume_path: Path | None, source: TextSource | None,
                       info: DistInfo):
     """The run's tokenizer: the checkpoint's when resuming, else built once (on rank 0) and saved in the run."""
+    if cfg.train.objective == "image-classify":  # images need no tokenizer
+        return None
     if resume_path is not None:
         return load_tokenizer(resume_path)
     saved = run_dir / "tokenizer"
     if info.is_main:
         if source is not None:
             texts = source.documents
+        elif cfg.train.objective == "seq2seq":  # one shared vocabulary: both sides of the training pairs
+            pairs = run_pairs(cfg)[0]
+            texts = lambda: iter(pairs.texts())  # noqa: E731
         else:
             data = load_labeled_jsonl(cfg.data.source, text_field=cfg.data.text_field,
                                       label_field=cfg.data.label_field)
@@ -40,7 +48,8 @@ def _model_config(cfg: TrainConfig, vocab_size: int, num_labels: int | None = No
     """The run's ModelConfig, with the head (and kind) its objective needs unless the user chose them."""
     objective = cfg.train.objective
     needs = {"causal": {"head": "lm"}, "mlm": {"kind": "encoder", "head": "mlm"},
-             "classify": {"head": "classifier"}}[objective]
+             "classify": {"head": "classifier"}, "seq2seq": {"kind": "encoder-decoder", "head": "lm"},
+             "image-classify": {"kind": "encoder", "head": "classifier"}}[objective]
     values = {**needs, **cfg.model}
     for key, value in needs.items():
         if values[key] != value:
@@ -51,7 +60,7 @@ def _model_config(cfg: TrainConfig, vocab_size: int, num_labels: int | None = No
         values.setdefault("pooling", "last")
     merged = TrainConfig.from_dict({**cfg.to_dict(), "model": values})
     model_cfg = merged.model_config(vocab_size, num_labels)
-    if model_cfg.position == "learned" and model_cfg.max_seq_len < cfg.train.seq_len:
+    if model_cfg.position == "learned" and model_cfg.max_seq_len < cfg.train.seq_len and model_cfg.patch_size is None:
         raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}; "
                           "raise --model.max_seq_len or lower --train.seq_len")
     return model_cfg
@@ -61,6 +70,11 @@ def build_objective(cfg: TrainConfig, tokenizer, source: TextSource | None, info
     """Load the data for ``cfg.train.objective``; return (objective, ModelConfig)."""
     t = cfg.train
     eval_batch = t.batch_size  # the same windows whatever the accumulation or process count
+    if t.objective == "image-classify":  # vocab_size is unused by image models
+        splits = image_splits(cfg)
+        model_cfg = _model_config(image_model_options(cfg, splits.train), 1, len(splits.train.label_names))
+        return ImageClassification(splits, t.batch_size, info.rank, info.world_size, t.seed,
+                                   model_cfg.num_image_tokens, cfg.data.augment_shift), model_cfg
     if t.objective == "classify":
         if not cfg.data.source:
             raise ConfigError("train.objective=classify needs --data.source pointing at a JSONL file of "
@@ -71,6 +85,10 @@ def build_objective(cfg: TrainConfig, tokenizer, source: TextSource | None, info
         objective = Classification(train.texts, torch.tensor(train.labels), val.texts, torch.tensor(val.labels),
                                    tokenizer, t.seq_len, t.batch_size, info.rank, info.world_size, t.seed)
         return objective, model_cfg
+    if t.objective == "seq2seq":  # decoding starts from the pad id, as seq2seq training teaches it to
+        model_cfg = dataclasses.replace(_model_config(cfg, tokenizer.vocab_size), pad_token_id=tokenizer.pad_id,
+                                        decoder_start_token_id=tokenizer.pad_id)
+        return build_seq2seq(cfg, tokenizer, info), model_cfg
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else DEFAULT_CACHE
     if info.is_main:
         corpus = load_corpus(source, tokenizer, cache_dir=cache, val_fraction=cfg.data.val_fraction)

@@ -40,14 +40,17 @@ class TrainResult:
     samples: list[str] = field(default_factory=list)
     loss_curve: Path | None = None
     stopped: str | None = None
+    test: dict[str, float] = field(default_factory=dict)  # held-out test metrics (image classification)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train as ``cfg`` says: build or resume the run in ``cfg.checkpoint.run_dir`` and return its result."""
     info = setup(cfg.train.device)
+    threads = torch.get_num_threads()  # train.threads applies to this run only
     try:
         return _run(cfg, info)
     finally:
+        torch.set_num_threads(threads)
         teardown(info)
 
 
@@ -82,8 +85,10 @@ def _run(cfg: TrainConfig, info: DistInfo) -> TrainResult:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by grad_accum x processes "
                           f"= {cfg.train.grad_accum * info.world_size}")
     torch.manual_seed(cfg.train.seed)
-    source = resolve_source(cfg.data.source, text_field=cfg.data.text_field) if cfg.train.objective != "classify" \
-        else None
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    source = resolve_source(cfg.data.source, text_field=cfg.data.text_field) \
+        if cfg.train.objective not in ("classify", "seq2seq", "image-classify") else None
     tokenizer = prepare_tokenizer(cfg, run_dir, resume_path, source, info)
     objective, model_cfg = build_objective(cfg, tokenizer, source, info)
     model = Transformer(model_cfg).to(info.device)
@@ -117,6 +122,11 @@ def _run(cfg: TrainConfig, info: DistInfo) -> TrainResult:
                                             temperature=0.8, top_k=50,
                                             seed=cfg.train.seed + i)
                               for i in range(cfg.log.samples)]
+    if info.is_main and cfg.train.objective == "seq2seq" and cfg.log.samples:
+        result.samples = objective.examples(model, cfg.log.samples, autocast)
+    if info.is_main and hasattr(objective, "finish"):  # image classification: test accuracy, confusion matrix
+        model.eval()
+        result.test = objective.finish(model, run_dir, result.step, info.device, autocast)
     return result
 
 

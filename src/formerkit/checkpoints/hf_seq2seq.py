@@ -1,0 +1,152 @@
+"""Hugging Face ``config.json`` <-> ModelConfig for the encoder-decoder families BART and T5.
+
+BART: learned positions read at ``position + 2``, post-LN with a norm of the summed
+embeddings, a bias on the logits (``final_logits_bias``), token embeddings optionally scaled
+by sqrt(d_model), one embedding table shared by encoder, decoder and (tied) output.
+T5: a learned relative position bias per stack, RMSNorm before each sublayer, no biases,
+unscaled attention scores, a ReLU MLP (original) or gated-GELU (v1.1), and decoder outputs
+rescaled by d_model ** -0.5 before a tied output projection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from formerkit.checkpoints.hf_config import (
+    _HF_ACTIVATIONS,
+    _TO_HF_ACTIVATION,
+    _activation,
+    _mismatches,
+    head_from_architectures,
+)
+from formerkit.config import ModelConfig
+from formerkit.errors import ConfigError
+
+BART_POSITION_OFFSET = 2  # BART's learned position table has two extra rows, read at position + 2
+_ARCH_PREFIX = {"bart": "Bart", "t5": "T5"}
+
+
+def _head(hf: dict[str, Any], family: str) -> str:
+    """The head of a BART/T5 checkpoint: 'lm' (ForConditionalGeneration) or 'none' (the base model)."""
+    known = {f"{_ARCH_PREFIX[family]}ForConditionalGeneration", f"{_ARCH_PREFIX[family]}Model"}
+    others = [arch for arch in hf.get("architectures") or [] if arch not in known]
+    if others:
+        raise ConfigError(f"{family} architecture {others[0]} is not supported; formerkit reads "
+                          f"{' and '.join(sorted(known))}")
+    return head_from_architectures(hf, "lm")
+
+
+def from_bart(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields of a BART ``config.json`` dict; ConfigError for what formerkit cannot express."""
+    for encoder, decoder, default in [("encoder_attention_heads", "decoder_attention_heads", 16),
+                                      ("encoder_ffn_dim", "decoder_ffn_dim", 4096)]:
+        if hf.get(encoder, default) != hf.get(decoder, default):
+            raise ConfigError(f"BART with {encoder}={hf.get(encoder, default)} != {decoder}="
+                              f"{hf.get(decoder, default)} is not supported; formerkit's stacks share these sizes")
+    head = _head(hf, "bart")
+    dropout = hf.get("dropout", 0.1)
+    return {
+        "kind": "encoder-decoder", "vocab_size": hf.get("vocab_size", 50265), "d_model": hf.get("d_model", 1024),
+        "n_layers": hf.get("encoder_layers", 12), "n_decoder_layers": hf.get("decoder_layers", 12),
+        "n_heads": hf.get("encoder_attention_heads", 16), "d_ff": hf.get("encoder_ffn_dim", 4096),
+        "max_seq_len": hf.get("max_position_embeddings", 1024), "position": "learned",
+        "position_offset": BART_POSITION_OFFSET, "norm": "layernorm", "norm_eps": 1e-5, "norm_placement": "post",
+        "final_norm": False, "embed_norm": True, "activation": _activation(hf, "activation_function", "gelu"),
+        "attn_dropout": hf.get("attention_dropout", 0.0), "resid_dropout": dropout, "embed_dropout": dropout,
+        "embed_scale": bool(hf.get("scale_embedding", False)), "tie_embeddings": hf.get("tie_word_embeddings", True),
+        "head": head, "lm_head_bias": head == "lm", "pad_token_id": hf.get("pad_token_id", 1),
+        "decoder_start_token_id": hf.get("decoder_start_token_id", 2),
+    }
+
+
+def _t5_mlp(hf: dict[str, Any]) -> tuple[str, bool]:
+    """(activation, gated) of T5's ``feed_forward_proj``: 'relu', 'gated-gelu' (v1.1, tanh GELU), 'gated-silu', ..."""
+    proj = hf.get("feed_forward_proj", "relu")
+    parts = proj.split("-")
+    if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+        raise ConfigError(f'feed_forward_proj="{proj}" is not a T5 feed-forward type; use "ACT" or "gated-ACT"')
+    name = "gelu_new" if proj == "gated-gelu" else parts[-1]  # T5 v1.1's "gated-gelu" is the tanh approximation
+    if name not in _HF_ACTIVATIONS:
+        raise ConfigError(f'feed_forward_proj="{proj}": activation "{name}" is not supported; formerkit knows '
+                          f'{", ".join(_HF_ACTIVATIONS)}')
+    return _HF_ACTIVATIONS[name], len(parts) == 2
+
+
+def from_t5(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields of a T5 ``config.json`` dict (original T5 and v1.1); ConfigError if unsupported."""
+    activation, gated = _t5_mlp(hf)
+    head = _head(hf, "t5")
+    tie = hf.get("tie_word_embeddings", True)
+    # transformers 5 writes scale_decoder_outputs; older configs rescale exactly when the head is tied
+    scale = bool(hf.get("scale_decoder_outputs", tie))
+    dropout = hf.get("dropout_rate", 0.1)
+    pad = hf.get("pad_token_id", 0)
+    start = hf.get("decoder_start_token_id")
+    n_layers = hf.get("num_layers", 6)
+    return {
+        "kind": "encoder-decoder", "vocab_size": hf.get("vocab_size", 32128), "d_model": hf.get("d_model", 512),
+        "n_layers": n_layers, "n_decoder_layers": hf.get("num_decoder_layers") or n_layers,
+        "n_heads": hf.get("num_heads", 8), "d_head": hf.get("d_kv", 64), "d_ff": hf.get("d_ff", 2048),
+        "max_seq_len": hf.get("n_positions", 512), "position": "relative",
+        "relative_buckets": hf.get("relative_attention_num_buckets", 32),
+        "relative_max_distance": hf.get("relative_attention_max_distance", 128),
+        "norm": "rmsnorm", "norm_bias": False, "norm_eps": hf.get("layer_norm_epsilon", 1e-6),
+        "norm_placement": "pre", "final_norm": True, "activation": activation, "gated": gated,
+        "qkv_bias": False, "out_bias": False, "mlp_bias": False, "attn_scale": 1.0,
+        "attn_dropout": dropout, "resid_dropout": dropout, "embed_dropout": dropout,
+        "tie_embeddings": tie, "lm_head_scale": scale and head == "lm", "head": head, "pad_token_id": pad,
+        "decoder_start_token_id": start if start is not None else pad,  # T5 starts decoding from its pad token
+    }
+
+
+def seq2seq_family(cfg: ModelConfig) -> tuple[str, list[str]]:
+    """(family, problems) for an encoder-decoder config: 'bart' for learned positions, 't5' for relative.
+
+    ``problems`` lists every field the family's Hugging Face layout cannot hold; ConfigError
+    when no family has the config's position scheme.
+    """
+    common = dict(parallel_block=False, qk_norm=False, sliding_window=None, n_kv_heads=None)
+    if cfg.position == "learned":
+        family = "bart"
+        problems = _mismatches(cfg, position_offset=BART_POSITION_OFFSET, norm="layernorm", norm_bias=True,
+                               norm_eps=1e-5, norm_placement="post", final_norm=False, embed_norm=True, gated=False,
+                               qkv_bias=True, out_bias=True, mlp_bias=True, d_head=None, attn_scale=None,
+                               lm_head_scale=False, lm_head_bias=cfg.head == "lm", **common)
+    elif cfg.position == "relative":
+        family = "t5"
+        problems = _mismatches(cfg, norm="rmsnorm", norm_placement="pre", final_norm=True, embed_norm=False,
+                               embed_scale=False, qkv_bias=False, out_bias=False, mlp_bias=False, attn_scale=1.0,
+                               lm_head_bias=False, **common)
+        if cfg.gated and cfg.activation == "gelu":
+            problems.append("gated exact GELU (T5's 'gated-gelu' is the tanh approximation; use gelu_tanh)")
+    else:
+        raise ConfigError(f"no Hugging Face family matches kind='encoder-decoder' with position={cfg.position!r} "
+                          "(BART has 'learned', T5 'relative'); save with format='native' instead")
+    if cfg.head not in ("lm", "none"):
+        problems.append(f"head={cfg.head!r} ({family} is written as a conditional-generation or base model)")
+    return family, problems
+
+
+def architecture(family: str, head: str) -> str:
+    """The transformers class of a BART/T5 model: ``...ForConditionalGeneration`` or the base ``...Model``."""
+    return _ARCH_PREFIX[family] + ("ForConditionalGeneration" if head == "lm" else "Model")
+
+
+def seq2seq_to_hf(cfg: ModelConfig, family: str) -> dict[str, Any]:
+    """The family-specific fields of a BART or T5 ``config.json`` for ``cfg`` (see ``seq2seq_family``)."""
+    shared = {"is_encoder_decoder": True, "decoder_start_token_id": cfg.decoder_start_token_id}
+    if family == "bart":
+        return {**shared, "d_model": cfg.d_model, "encoder_layers": cfg.n_layers,
+                "decoder_layers": cfg.decoder_layers, "encoder_attention_heads": cfg.n_heads,
+                "decoder_attention_heads": cfg.n_heads, "encoder_ffn_dim": cfg.d_ff, "decoder_ffn_dim": cfg.d_ff,
+                "max_position_embeddings": cfg.max_seq_len, "activation_function": _TO_HF_ACTIVATION[cfg.activation],
+                "dropout": cfg.resid_dropout, "attention_dropout": cfg.attn_dropout, "activation_dropout": 0.0,
+                "scale_embedding": cfg.embed_scale}
+    activation = {"gelu_tanh": "gelu" if cfg.gated else "gelu_new"}.get(cfg.activation, cfg.activation)
+    return {**shared, "d_model": cfg.d_model, "d_kv": cfg.head_dim, "d_ff": cfg.d_ff, "num_layers": cfg.n_layers,
+            "num_decoder_layers": cfg.decoder_layers, "num_heads": cfg.n_heads,
+            "relative_attention_num_buckets": cfg.relative_buckets,
+            "relative_attention_max_distance": cfg.relative_max_distance, "dropout_rate": cfg.resid_dropout,
+            "layer_norm_epsilon": cfg.norm_eps, "n_positions": cfg.max_seq_len,
+            "feed_forward_proj": f"gated-{activation}" if cfg.gated else activation,
+            "scale_decoder_outputs": cfg.lm_head_scale}
