@@ -160,6 +160,9 @@ def test_config_file_and_overrides(tmp_path):
     cfg = TrainConfig.load(run_yaml, ["--train.steps", "9", "--model.d_model=64", "--log.progress", "false"])
     assert (cfg.train.steps, cfg.train.batch_size, cfg.log.progress) == (9, 4, False)
     assert cfg.model == {"preset": "llama", "n_layers": 3, "d_model": 64}
+    # a preset named on the command line keeps its own sizes; without one the default model applies
+    assert TrainConfig.load(None, ["--model.preset", "vit-digits"]).model == {"preset": "vit-digits"}
+    assert TrainConfig.load(None, ["--model.n_layers", "2"]).model["d_model"] == 320
     with pytest.raises(fk.ConfigError, match='unknown option "train.stepz".*did you mean "steps"'):
         TrainConfig.load(None, ["--train.stepz", "3"])
     with pytest.raises(fk.ConfigError, match='unknown option "model.n_layer".*"n_layers"'):

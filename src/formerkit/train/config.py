@@ -168,11 +168,14 @@ class TrainConfig:
                 raise ConfigError(f"{path} is not valid YAML: {err}") from err
             if not isinstance(values, dict):
                 raise ConfigError(f"{path} must hold a mapping of sections")
+        parsed = parse_overrides(overrides or [])
         merged = {"model": dict(_DEFAULT_MODEL), **{k: v for k, v in values.items() if k != "model"}}
         if "model" in values:
             merged["model"] = dict(values["model"] or {})
             merged["model"].setdefault("preset", _DEFAULT_MODEL["preset"])
-        for key, value in parse_overrides(overrides or []).items():
+        elif "model.preset" in parsed:  # a preset named on the command line brings its own sizes
+            merged["model"] = {}
+        for key, value in parsed.items():
             section, _, name = key.partition(".")
             merged.setdefault(section, {})
             if not isinstance(merged[section], dict):
@@ -294,7 +297,7 @@ def _validate(cfg: TrainConfig) -> None:
 def options_help() -> str:
     """One line per option, ``--section.key (default): help``, for ``formerkit train --help``."""
     lines = ["model options: --model.preset NAME (default gpt2) and any ModelConfig field, e.g. --model.n_layers 4;",
-             f"  defaults: {json.dumps(_DEFAULT_MODEL)}"]
+             f"  defaults without a config file's model section or --model.preset: {json.dumps(_DEFAULT_MODEL)}"]
     for name, section in SECTIONS.items():
         lines.append(f"{name} options ({section.__doc__.strip()}):")
         for f in fields(section):
