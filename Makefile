@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 venv: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest -q -ra
 
 # The main job: train a ~10M-parameter GPT on the embedded corpus (a few minutes), sample from it.
@@ -41,7 +41,7 @@ tour: $(VENV)/.installed
 	$(VENV)/bin/formerkit tour
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
