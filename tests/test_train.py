@@ -196,6 +196,11 @@ def test_cli_reports_bad_data(tmp_path, capsys):
     assert main(["train", "--data.source", str(tmp_path / "missing.txt"),
                  "--checkpoint.run_dir", str(tmp_path / "r2")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+    labeled = tmp_path / "labeled.jsonl"
+    labeled.write_text("".join(f'{{"text": "t{i}", "label": "{name}"}}\n' for i, name in enumerate("xyzx")))
+    assert main(["train", "--train.objective", "classify", "--model.num_labels", "2", "--data.source", str(labeled),
+                 "--data.tokenizer", "byte", "--checkpoint.run_dir", str(tmp_path / "r3")]) == 2
+    assert "3 distinct labels (x, y, z), more than model.num_labels=2" in capsys.readouterr().err
 
 
 def _cli(args: list[str], **kw) -> subprocess.Popen:

@@ -150,6 +150,8 @@ def test_run_options_are_checked(tmp_path):
         train(config(tmp_path, "digits", "--model.image_size", "16", "--model.max_seq_len", "65"))
     with pytest.raises(fk.DataError, match=r"expects \(3, 8, 8\)"):
         train(config(tmp_path, "digits", "--model.num_channels", "3"))
+    with pytest.raises(fk.DataError, match=r"model.num_labels=5: label 5 of sample \d+ is outside the 5 classes"):
+        train(config(tmp_path, "digits", "--model.num_labels", "5"))  # the digits are labelled 0..9
     for bad in (["--data.test_fraction", "1.5"], ["--data.augment_shift", "-1"], ["--train.threads", "-2"]):
         with pytest.raises(fk.ConfigError, match=bad[0][2:]):
             config(tmp_path, "digits", *bad)

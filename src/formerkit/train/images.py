@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formerkit.data.images import TEST_SEED, ImageData, check_image_shape, load_images
+from formerkit.data.images import TEST_SEED, ImageData, check_image_shape, check_labels_in_range, load_images
 from formerkit.errors import ConfigError, DataError
 from formerkit.train.config import TrainConfig
 from formerkit.train.objectives import Batch, step_generator
@@ -38,6 +38,11 @@ class ImageSplits:
 def image_splits(cfg: TrainConfig) -> ImageSplits:
     """Load ``cfg.data.source`` and split it into train / validation / test (each non-empty)."""
     data = load_images(cfg.data.source)
+    chosen = cfg.model.get("num_labels")  # a class count the user set must hold every label
+    if chosen is not None:
+        check_labels_in_range(data.labels, chosen, f"{data.description} with model.num_labels={chosen}")
+        names = data.label_names[:chosen] + [str(i) for i in range(len(data.label_names), chosen)]
+        data = ImageData(data.images, data.labels, names, data.description)
     if len(data) < 3:
         raise DataError(f"{data.description}: {len(data)} image(s) cannot be split into train, validation and test; "
                         "give at least 3 (many more to learn anything)")

@@ -80,8 +80,14 @@ def build_objective(cfg: TrainConfig, tokenizer, source: TextSource | None, info
             raise ConfigError("train.objective=classify needs --data.source pointing at a JSONL file of "
                               f"{{'{cfg.data.text_field}': ..., '{cfg.data.label_field}': ...}} records")
         data = load_labeled_jsonl(cfg.data.source, text_field=cfg.data.text_field, label_field=cfg.data.label_field)
+        chosen = cfg.model.get("num_labels", len(data.label_names))
+        if chosen < len(data.label_names):
+            raise DataError(f"{cfg.data.source} holds {len(data.label_names)} distinct labels "
+                            f"({', '.join(data.label_names[:10])}{', ...' if len(data.label_names) > 10 else ''}), "
+                            f"more than model.num_labels={chosen}; raise --model.num_labels or leave it unset "
+                            "to take the count from the data")
         train, val = data.split(cfg.data.val_fraction, t.seed)
-        model_cfg = _model_config(cfg, tokenizer.vocab_size, num_labels=len(data.label_names))
+        model_cfg = _model_config(cfg, tokenizer.vocab_size, num_labels=chosen)
         objective = Classification(train.texts, torch.tensor(train.labels), val.texts, torch.tensor(val.labels),
                                    tokenizer, t.seq_len, t.batch_size, info.rank, info.world_size, t.seed)
         return objective, model_cfg
