@@ -38,3 +38,13 @@ def test_extrapolation_table(example, tmp_path, capsys):
         every, beyond = by_length[32]
         assert math.isfinite(every) and math.isfinite(beyond)
         assert 0 < every < 10  # byte-level losses start near ln(256) = 5.5
+
+
+@pytest.mark.parametrize("name", ["demo", "translate", "digits"])
+def test_example_configs_load(name):
+    """Every shipped run config parses and names a valid model (the embedded tasks' documented commands)."""
+    from formerkit.train import TrainConfig
+
+    cfg = TrainConfig.load(SCRIPT.parent / f"{name}.yaml")
+    model = cfg.model_config(vocab_size=256, num_labels=10)
+    assert cfg.train.steps > 0 and model.n_layers > 0
