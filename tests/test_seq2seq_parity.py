@@ -385,3 +385,20 @@ def test_config_validation(kw, fragment):
     base = dict(kind="encoder-decoder", vocab_size=64, d_model=32, n_heads=4, d_ff=48, n_layers=1)
     with pytest.raises(fk.ConfigError, match=fragment):
         fk.ModelConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("preset", ["bart-base", "t5-small", "t5-v1.1-small"])
+def test_presets_match_the_published_shapes(preset):
+    """The presets equal what from_hf reads from transformers' configs of the published models."""
+    shapes = {
+        "bart-base": transformers.BartConfig(d_model=768, encoder_layers=6, decoder_layers=6, encoder_ffn_dim=3072,
+                                             decoder_ffn_dim=3072, encoder_attention_heads=12,
+                                             decoder_attention_heads=12),
+        "t5-small": transformers.T5Config(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
+        "t5-v1.1-small": transformers.T5Config(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6,
+                                               feed_forward_proj="gated-gelu"),
+    }
+    hf = shapes[preset].to_dict()
+    if preset == "t5-v1.1-small":  # the published config.json (transformers 5 rewrites this key when it builds one)
+        hf = {**hf, "tie_word_embeddings": False, "scale_decoder_outputs": False}
+    assert fk.ModelConfig.from_preset(preset) == fk.ModelConfig.from_hf(hf)

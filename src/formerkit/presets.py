@@ -76,6 +76,28 @@ _VIT = {
     "embed_dropout": 0.0,
 }
 
+# T5 (Raffel et al.): relative position buckets, RMSNorm without bias, no attention scaling, no biases
+_T5 = {
+    "kind": "encoder-decoder",
+    "vocab_size": 32128,
+    "d_model": 512,
+    "d_head": 64,
+    "max_seq_len": 512,
+    "position": "relative",
+    "norm": "rmsnorm",
+    "norm_bias": False,
+    "norm_eps": 1e-6,
+    "attn_scale": 1.0,
+    "qkv_bias": False,
+    "out_bias": False,
+    "mlp_bias": False,
+    "attn_dropout": 0.1,
+    "resid_dropout": 0.1,
+    "embed_dropout": 0.1,
+    "pad_token_id": 0,
+    "decoder_start_token_id": 0,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "vaswani-base": {**_VASWANI, "d_model": 512, "n_heads": 8, "d_ff": 2048, "n_layers": 6,
                      "n_decoder_layers": 6, "resid_dropout": 0.1, "embed_dropout": 0.1},
@@ -87,6 +109,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "head": "mlm"},
     "minilm-l6": {**_BERT, "d_model": 384, "n_layers": 6, "n_heads": 12, "d_ff": 1536,
                   "head": "none", "pooler": True, "pooling": "mean"},
+    # BART (Lewis et al.): learned positions read at offset 2, post-LN, embedding LayerNorm, GELU
+    "bart-base": {"kind": "encoder-decoder", "vocab_size": 50265, "d_model": 768, "n_layers": 6,
+                  "n_decoder_layers": 6, "n_heads": 12, "d_ff": 3072, "max_seq_len": 1024, "position_offset": 2,
+                  "norm_placement": "post", "final_norm": False, "activation": "gelu", "embed_norm": True,
+                  "resid_dropout": 0.1, "embed_dropout": 0.1, "pad_token_id": 1, "decoder_start_token_id": 2,
+                  "lm_head_bias": True},
+    "t5-small": {**_T5, "n_layers": 6, "n_decoder_layers": 6, "n_heads": 8, "d_ff": 2048, "activation": "relu",
+                 "lm_head_scale": True},
+    # T5 v1.1: gated-GELU feed-forward, untied output projection
+    "t5-v1.1-small": {**_T5, "n_layers": 8, "n_decoder_layers": 8, "n_heads": 6, "d_ff": 1024,
+                      "activation": "gelu_tanh", "gated": True, "tie_embeddings": False},
     "vit": {**_VIT, "image_size": 224, "patch_size": 16, "num_channels": 3, "max_seq_len": 197,
             "d_model": 768, "n_layers": 12, "n_heads": 12, "d_ff": 3072, "num_labels": 1000},
     # a small ViT for sklearn's 8x8 handwritten digits (examples/digits.yaml)
