@@ -12,6 +12,7 @@ import torch
 import yaml
 from torch import nn
 
+from formerkit.checkpoints.files import atomic_write
 from formerkit.data import resolve_source
 from formerkit.errors import ConfigError, TrainingError
 from formerkit.generate import generate_text
@@ -80,7 +81,8 @@ def _run(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     resume_path = _check_resume(cfg, run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(text))
     if cfg.train.batch_size % (cfg.train.grad_accum * info.world_size):
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by grad_accum x processes "
                           f"= {cfg.train.grad_accum * info.world_size}")

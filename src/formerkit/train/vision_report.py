@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+
+from formerkit.checkpoints.files import atomic_write, write_json
 
 CONFUSION_PNG = "confusion_matrix.png"
 TEST_METRICS = "test_metrics.json"
@@ -41,8 +42,7 @@ def plot_confusion(matrix: torch.Tensor, names: list[str], path: Path, title: st
                     ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
                             color="white" if value > peak / 2 else "black")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))  # a crash never leaves half a PNG
     plt.close(fig)
     return path
 
@@ -55,5 +55,5 @@ def write_report(run_dir: Path, step: int, matrix: torch.Tensor, names: list[str
     plot_confusion(matrix, names, run_dir / CONFUSION_PNG,
                    f"test accuracy {accuracy:.2%} ({int(matrix.trace())}/{total}), step {step}")
     record = {"step": step, **metrics, "label_names": names, "confusion_matrix": matrix.tolist()}
-    (run_dir / TEST_METRICS).write_text(json.dumps(record, indent=1) + "\n")
+    write_json(run_dir / TEST_METRICS, record)
     return metrics
