@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "length_extrapolation.py"
+from conftest import ROOT, load_script
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("length_extrapolation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/length_extrapolation.py")
 
 
 @pytest.mark.slow
@@ -45,6 +39,6 @@ def test_example_configs_load(name):
     """Every shipped run config parses and names a valid model (the embedded tasks' documented commands)."""
     from formerkit.train import TrainConfig
 
-    cfg = TrainConfig.load(SCRIPT.parent / f"{name}.yaml")
+    cfg = TrainConfig.load(ROOT / "examples" / f"{name}.yaml")
     model = cfg.model_config(vocab_size=256, num_labels=10)
     assert cfg.train.steps > 0 and model.n_layers > 0

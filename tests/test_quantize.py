@@ -27,14 +27,7 @@ from formerkit.quantize import (
 SMALL = dict(n_layers=2, d_model=64, n_heads=4, d_ff=128, vocab_size=96, max_seq_len=40)
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run on one thread: tiny models are fastest so, and threads on a busy shared CPU wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(preset: str = "gpt2", **kw) -> fk.Transformer:

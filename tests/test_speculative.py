@@ -15,14 +15,7 @@ from formerkit.generate.speculative import speculative_generate
 SMALL = dict(n_layers=2, d_model=32, n_heads=4, d_ff=48, vocab_size=64, max_seq_len=64, init_std=0.1,
              tie_embeddings=False)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run on one thread: tiny models are fastest so, and threads on a busy shared CPU wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(preset: str = "gpt2", seed: int = 0, **kw) -> fk.Transformer:
