@@ -6,7 +6,7 @@ directory, so both start from identical weights (checked: the fp32 loss of one b
 
 formerkit trains through its own training code: ``build_optimizer`` (AdamW, decay groups),
 ``parallel.wrap`` (torch.compile when asked), ``trainer.accumulate_gradients`` with
-``trainer._autocast`` and the ``CausalLM.loss`` objective, then ``trainer.apply_gradients``
+``trainer.autocast_for`` and the ``CausalLM.loss`` objective, then ``trainer.apply_gradients``
 (clip to 1.0, step, zero). transformers trains with the same AdamW settings and parameter
 groups (``decay_groups``), the same learning-rate schedule, the same clipping, and the same
 loss (cross-entropy of its float32 logits against the shifted targets), with ``use_cache=False``.
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import math
 import os
 import resource
@@ -64,7 +63,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers  # noqa: E402
 
 import formerkit as fk  # noqa: E402
+from formerkit.precision import resolve_precision  # noqa: E402
 from formerkit.train import parallel, trainer  # noqa: E402
+from formerkit.train.allocator import keep_freed_memory  # noqa: E402
 from formerkit.train.config import OptimSection, TrainConfig, TrainSection  # noqa: E402
 from formerkit.train.distributed import DistInfo  # noqa: E402
 from formerkit.train.objectives import CausalLM  # noqa: E402
@@ -98,23 +99,6 @@ class Shape:
 
 # ---------------------------------------------------------------------------------------------
 # Machine peak and model FLOPs
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc reuse freed memory instead of handing it back to the kernel.
-
-    By default every large buffer (activations, logits, gradients) is a fresh mmap, and
-    touching it costs a page fault per 4 KiB: about 100k faults and a quarter of a bf16 step
-    here, varying with the heap's history. ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``
-    in the environment (or jemalloc / tcmalloc) does the same for any program.
-    Returns False where there is no glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
 
 
 def matmul_gflops(dtype: torch.dtype, sizes=(1024, 2048, 4096), repeats: int = 5) -> dict[int, float]:
@@ -212,7 +196,7 @@ class FormerkitTrainer:
         info = DistInfo(rank=0, world_size=1, local_rank=0, device=CPU)
         self.optimizer = build_optimizer(model, self.cfg.optim)
         self.wrapped = parallel.wrap(model, self.cfg, info)
-        self.autocast = trainer._autocast(self.cfg, CPU)
+        self.autocast = trainer.autocast_for(precision, CPU)
         self.objective = CausalLM(train=None, val_tokens=None, seq_len=0, eval_batch_size=1, eval_batches=0)
         self.total_steps = total_steps
 
@@ -314,11 +298,17 @@ def measure(trainers: dict, batches: list, steps: int, warmup: int, block: int =
     return results
 
 
-def loss_parity(pristine: dict, batches: list, steps: int, optim: OptimSection) -> dict:
-    """formerkit's default mode vs fp32, ``steps`` steps each from the same weights and batches."""
-    default = TrainSection()
-    runs = {"default": FormerkitTrainer(copy.deepcopy(pristine["formerkit"]), default.precision, default.compile,
-                                        optim, steps),
+def default_mode(shape: Shape) -> str:
+    """The mode ``formerkit train`` picks by default on this machine: its ``precision: auto`` probe, no compile."""
+    choice = resolve_precision(TrainSection().precision, CPU, d_model=shape.d_model, d_ff=4 * shape.d_model,
+                               rows=shape.tokens)
+    return choice.precision + ("-compile" if TrainSection().compile else "")
+
+
+def loss_parity(pristine: dict, batches: list, steps: int, optim: OptimSection, mode: str) -> dict:
+    """formerkit's default ``mode`` vs fp32, ``steps`` steps each from the same weights and batches."""
+    precision, compile = MODES[mode]
+    runs = {"default": FormerkitTrainer(copy.deepcopy(pristine["formerkit"]), precision, compile, optim, steps),
             "fp32": FormerkitTrainer(copy.deepcopy(pristine["formerkit"]), "fp32", False, optim, steps)}
     losses, times = defaultdict(list), defaultdict(list)
     for i in range(steps):
@@ -328,7 +318,7 @@ def loss_parity(pristine: dict, batches: list, steps: int, optim: OptimSection) 
             times[name].append(time.perf_counter() - start)
     tail = min(10, steps)
     final = {name: statistics.fmean(v[-tail:]) for name, v in losses.items()}
-    return {"precision": default.precision, "compile": default.compile, "losses": dict(losses),
+    return {"precision": precision, "compile": compile, "losses": dict(losses),
             "final": final, "rel_diff": abs(final["default"] - final["fp32"]) / final["fp32"],
             "median_s": {name: statistics.median(v) for name, v in times.items()}, "times": dict(times)}
 
@@ -448,6 +438,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"matmul peak {name}: " + ", ".join(f"n={n} {v:.0f}" for n, v in gf.items())
               + f" GFLOPS -> best {peak[name] / 1e9:.0f}")
 
+    mode_default = default_mode(shape)
+    print(f"formerkit's default mode on this machine (precision: auto): {mode_default}")
     hf_model, fk_model = build_models(shape)
     pristine = {"formerkit": fk_model, "transformers": hf_model}
     flops_tok, terms = flops_per_token(fk_model, shape)
@@ -465,7 +457,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     optim = OptimSection()
     total = max(args.loss_steps, args.warmup + args.steps)
-    out: dict = {"peak": peak, "flops_per_token": flops_tok, "initial_loss": (ours, theirs)}
+    out: dict = {"peak": peak, "flops_per_token": flops_tok, "initial_loss": (ours, theirs),
+                 "default_mode": mode_default}
     if modes:
         trainers = {}
         for mode in modes:
@@ -484,24 +477,22 @@ def main(argv: list[str] | None = None) -> dict:
             r = toks[("fp32", "formerkit")] / toks[("fp32", "transformers")]
             print(f"  formerkit fp32 >= 1.05x transformers fp32: {r:.3f}x  {_fmt_pass(r >= 1.05)}"
                   + ("" if r >= 1.05 else f" (short by {1.05 / r - 1:.1%})"))
-        default = TrainSection()
-        default_mode = default.precision + ("-compile" if default.compile else "")
         hf_bf16 = [m for m in ("bf16", "bf16-compile") if m in modes]
-        if default_mode in modes and hf_bf16:
+        if mode_default in modes and hf_bf16:
             best = max(hf_bf16, key=lambda m: toks[(m, "transformers")])
-            r = toks[(default_mode, "formerkit")] / toks[(best, "transformers")]
-            print(f"  formerkit default ({default_mode}) >= 1.2x best transformers ({best}): {r:.3f}x  "
+            r = toks[(mode_default, "formerkit")] / toks[(best, "transformers")]
+            print(f"  formerkit default ({mode_default}) >= 1.2x best transformers ({best}): {r:.3f}x  "
                   f"{_fmt_pass(r >= 1.2)}" + ("" if r >= 1.2 else f" (short by {1.2 / r - 1:.1%})"))
-            mfu = flops_tok * toks[(default_mode, "formerkit")] / peak["bf16"]
+            mfu = flops_tok * toks[(mode_default, "formerkit")] / peak["bf16"]
             print(f"  formerkit default MFU >= 60% of the bf16 peak: {mfu:.1%}  {_fmt_pass(mfu >= 0.6)}"
                   + ("" if mfu >= 0.6 else f" (needs {0.6 / mfu:.2f}x the throughput)"))
             fastest = max((m for m in modes if m.startswith("bf16")), key=lambda m: toks[(m, "formerkit")])
-            if fastest != default_mode:
+            if fastest != mode_default:
                 mfu = flops_tok * toks[(fastest, "formerkit")] / peak["bf16"]
                 print(f"    (formerkit's fastest mode, {fastest}: {mfu:.1%} of the bf16 peak)")
     if args.loss_steps:
         start = time.perf_counter()
-        parity = loss_parity(pristine, batches, args.loss_steps, optim)
+        parity = loss_parity(pristine, batches, args.loss_steps, optim, mode_default)
         f = parity["final"]
         print(f"\nloss parity, {args.loss_steps} steps ({time.perf_counter() - start:.0f} s): formerkit default "
               f"({parity['precision']}, compile={parity['compile']}) {f['default']:.4f} vs fp32 {f['fp32']:.4f} "
@@ -511,11 +502,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"fp32 {parity['median_s']['fp32'] * 1e3:.0f} ms")
         out["parity"] = parity
     if args.profile:
-        default = TrainSection()
         print(f"\nprofile ({args.profile} steps each, self CPU time per step by kind of work):")
         out["profile"] = {}
-        default_mode = default.precision + ("-compile" if default.compile else "")
-        profiled = [("formerkit", default_mode), ("transformers", "bf16")]
+        profiled = [("formerkit", mode_default), ("transformers", "bf16")]
         if "bf16-compile" in modes:
             profiled.append(("transformers", "bf16-compile"))
         for lib, mode in profiled:

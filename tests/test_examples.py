@@ -42,3 +42,15 @@ def test_example_configs_load(name):
     cfg = TrainConfig.load(ROOT / "examples" / f"{name}.yaml")
     model = cfg.model_config(vocab_size=256, num_labels=10)
     assert cfg.train.steps > 0 and model.n_layers > 0
+
+
+def test_demo_sweep_candidates_are_valid_run_configs(tmp_path):
+    sweep = load_script("examples/demo_sweep.py")
+    from formerkit.train import TrainConfig
+
+    for name, overrides in sweep.CANDIDATES.items():
+        cfg = TrainConfig.load(sweep.CONFIG, [*overrides, "--checkpoint.run_dir", str(tmp_path / name)])
+        assert cfg.model_config(cfg.data.vocab_size).n_layers >= 2
+    tiny = TrainConfig.load(sweep.CONFIG, ["--model.n_layers", "1", "--model.d_model", "32", "--model.n_heads", "2",
+                                           "--model.d_ff", "64", "--train.batch_size", "2", "--train.seq_len", "16"])
+    assert 0 < sweep.step_seconds(tiny, 300, steps=1) < 10

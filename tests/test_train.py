@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import formerkit as fk
+from formerkit.data import eval_batches, load_corpus, resolve_source
 from formerkit.train import TrainConfig, train
 from formerkit.train.logging import read_metrics
 from formerkit.train.objectives import CausalLM
@@ -66,6 +67,46 @@ def test_causal_run_learns_and_writes_everything(tmp_path):
     model, tok = fk.from_pretrained(run), fk.load_tokenizer(run)  # a run dir loads its latest checkpoint
     assert model.config.n_layers == 2 and tok.vocab_size == 259
     assert len(result.samples) == 1 and isinstance(result.samples[0], str)
+    assert (run / "samples.txt").read_text() == result.samples[0] + "\n"
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["steps_done"], summary["steps_planned"], summary["precision"]) == (60, 60, "fp32")
+    assert summary["tokens_per_s"] > 0 and summary["val_loss"] == result.val["loss"]
+    # bits per byte, recomputed: the byte tokenizer's ids below 256 are one byte each, its end-of-text none
+    windows = eval_batches(load_corpus(resolve_source(str(tmp_path / "corpus")), fk.ByteTokenizer(),
+                                       cache_dir=tmp_path / "cache", val_fraction=0.2).val,
+                           batch_size=8, seq_len=32, max_batches=4)
+    targets = torch.cat([y.flatten() for _, y in windows])
+    bytes_per_token = (targets < 256).float().mean().item()
+    assert summary["val_bpb"] == pytest.approx(result.val["loss"] / math.log(2) / bytes_per_token)
+    assert summary["val_bpb"] == result.val["bits_per_byte"]
+    # the corpus is Python: the samples are measured against it
+    assert 0 <= summary["sample_python_line_share"] <= 1 and 0 <= summary["sample_token_kind_tv"] <= 1
+    assert summary["corpus_python_line_share"] > 0.9  # the toy corpus is all one-line statements
+
+
+@pytest.mark.parametrize("faster", ["bf16", "fp32"])
+def test_auto_precision_follows_the_probe_and_says_so_first(tmp_path, monkeypatch, capsys, faster):
+    from formerkit import precision
+
+    seconds = {"fp32": 0.01, "bf16": 0.004 if faster == "bf16" else 0.03}
+    monkeypatch.setattr(precision, "measure", lambda probe, names, rows, device, budget_s: (64, seconds))
+    result = train(config(tmp_path, "--train.precision", "auto", "--log.samples", "0", steps=3))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("formerkit train: starting;")
+    assert f"precision {faster} (auto: measured on cpu" in first and "fp32 10.00 ms" in first
+    assert result.precision == faster
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["precision"] == faster
+
+
+@pytest.mark.slow
+def test_fp16_autocast_trains_with_loss_scaling(tmp_path):
+    result = train(config(tmp_path, "--train.precision", "fp16", steps=30))
+    ls = losses(tmp_path / "run")
+    assert ls[30] < 0.8 * ls[1] and math.isfinite(result.val["loss"])
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-0000030" / "trainer_state.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0  # the loss scale is saved for resume
+    more = train(config(tmp_path, "--train.precision", "fp16", steps=35))
+    assert more.step == 35
 
 
 @pytest.mark.slow

@@ -134,6 +134,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"train loss {result.train_loss:.4f}")
     if result.val:
         print("validation " + ", ".join(f"{k} {v:.4f}" for k, v in result.val.items()))
+    if result.tokens_per_s:
+        print(f"{result.tokens_per_s:,.0f} tokens/s in {result.precision}")
     if result.test:
         test = result.test
         print(f"test accuracy {test['accuracy']:.4f} ({round(test['accuracy'] * test['images'])}/{test['images']} "
@@ -142,6 +144,11 @@ def cmd_train(args: argparse.Namespace) -> None:
               f"(counts in {result.run_dir / 'test_metrics.json'})")
     for i, text in enumerate(result.samples):
         print(f"\n--- sample {i + 1} ---\n{text}")
+    if result.python:
+        py = result.python
+        print(f"\nsamples as Python: {py['sample_python_line_share']:.0%} of lines tokenize on their own (corpus "
+              f"{py['corpus_python_line_share']:.0%}); token-kind mix {py['sample_token_kind_tv']:.3f} from the "
+              "corpus's (total variation; real code cut into samples: about 0.06)")
     use = "generate" if cfg.train.objective == "seq2seq" else "sample"
     hint = f"formerkit {use} --checkpoint {result.run_dir} --prompt ..."
     if cfg.train.objective == "image-classify":
@@ -150,6 +157,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"metrics:     {result.run_dir / 'metrics.jsonl'} and {result.run_dir / 'tensorboard'}")
     if result.loss_curve is not None:
         print(f"loss curve:  {result.loss_curve}")
+    if (result.run_dir / "summary.json").is_file():
+        print(f"summary:     {result.run_dir / 'summary.json'}" + (f" (samples in {result.run_dir / 'samples.txt'})"
+                                                                    if result.samples else ""))
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

@@ -22,8 +22,8 @@ NATIVE_CONFIG = "formerkit_config.json"
 _ST_POOLING = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
                "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "last"}
 
-__all__ = ["NATIVE_CONFIG", "from_pretrained", "load_weights_into", "resolve_checkpoint_dir", "save_pretrained",
-           "tied_names"]
+__all__ = ["NATIVE_CONFIG", "from_pretrained", "load_config", "load_weights_into", "resolve_checkpoint_dir",
+           "save_pretrained", "tied_names"]
 
 
 def tied_names(model: torch.nn.Module) -> set[str]:
@@ -78,6 +78,26 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     return directory
 
 
+def load_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory (native or Hugging Face; a run directory: its latest checkpoint).
+
+    A sentence-transformers pooling config beside a Hugging Face checkpoint sets ``pooling``.
+    Raises CheckpointError when the directory holds no config this library reads.
+    """
+    directory = resolve_checkpoint_dir(path)
+    if (directory / NATIVE_CONFIG).is_file():
+        return ModelConfig.from_dict(read_json(directory / NATIVE_CONFIG))
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory} has neither {NATIVE_CONFIG} (formerkit) nor config.json "
+                              "(Hugging Face); point at the directory a checkpoint was saved to")
+    try:
+        cfg = ModelConfig.from_hf(read_json(directory / "config.json"))
+    except ConfigError as err:
+        raise CheckpointError(f"{directory / 'config.json'}: {err}") from err
+    pooling = _sentence_transformers_pooling(directory)
+    return cfg.replace(pooling=pooling) if pooling is not None else cfg
+
+
 def from_pretrained(
     path: str | Path,
     *,
@@ -97,26 +117,14 @@ def from_pretrained(
         from formerkit.quantize import load_quantized
 
         return load_quantized(directory, dtype=dtype, device=device)
+    cfg = load_config(directory)
+    model = Transformer(cfg)
     if (directory / NATIVE_CONFIG).is_file():
-        cfg = ModelConfig.from_dict(read_json(directory / NATIVE_CONFIG))
-        model = Transformer(cfg)
         load_weights_into(model, read_weights(directory), directory)
-    elif (directory / "config.json").is_file():
-        hf_config = read_json(directory / "config.json")
-        try:
-            cfg = ModelConfig.from_hf(hf_config)
-        except ConfigError as err:
-            raise CheckpointError(f"{directory / 'config.json'}: {err}") from err
-        pooling = _sentence_transformers_pooling(directory)
-        if pooling is not None:
-            cfg = cfg.replace(pooling=pooling)
-        model = Transformer(cfg)
+    else:
         tied = tied_names(model)
         state = state_from_hf(cfg, family_of(cfg), read_weights(directory), model.state_dict(), tied)
         load_weights_into(model, state, directory)
-    else:
-        raise CheckpointError(f"{directory} has neither {NATIVE_CONFIG} (formerkit) nor config.json "
-                              "(Hugging Face); point at the directory a checkpoint was saved to")
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=dtype)
     return model.eval()

@@ -13,10 +13,11 @@ import json
 import os
 import sys
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
 
+from formerkit.data.python_code import is_data_table
 from formerkit.errors import DataError
 
 _CACHE_DIRS = frozenset({"__pycache__"})
@@ -85,6 +86,11 @@ class TextSource:
                 return [f"line {n}" for n, raw in enumerate(handle, 1) if raw.strip()]
         return [p.relative_to(self.root).as_posix() for p in self.files]
 
+    @property
+    def is_python(self) -> bool:
+        """Whether every document is a Python file (the default corpus, or only ``.py`` files)."""
+        return self.kind == "stdlib" or (self.kind != "jsonl" and all(p.suffix == ".py" for p in self.files))
+
     def __len__(self) -> int:
         """Number of documents."""
         return len(self.names)
@@ -138,20 +144,23 @@ class TextSource:
         what = {"stdlib": f"Python {sys.version_info.major}.{sys.version_info.minor} standard library",
                 "file": "text file", "directory": "directory", "glob": "glob", "jsonl": "JSONL file"}[self.kind]
         unit = f'records ("{self.text_field}")' if self.kind == "jsonl" else "files"
-        skipped = f", {self.skipped:,} skipped (binary, not UTF-8 or unreadable)" if self.skipped else ""
+        why = "binary, not UTF-8, unreadable or data tables" if self.kind == "stdlib" else \
+            "binary, not UTF-8 or unreadable"
+        skipped = f", {self.skipped:,} skipped ({why})" if self.skipped else ""
         size = self.num_bytes()
         return f"{what} {self.label}: {len(self):,} {unit}, {size:,} bytes ({size / 1e6:.1f} MB){skipped}"
 
 
-def _text_files(candidates: list[Path]) -> tuple[list[Path], int]:
-    """Keep the regular files that look like text; return them and how many others were skipped."""
+def _text_files(candidates: list[Path], keep: Callable[[str], bool] | None = None) -> tuple[list[Path], int]:
+    """Keep the regular files that look like text (and pass ``keep``); return them and how many were left out."""
     kept = []
     for path in candidates:
         try:
-            if _is_text(path.read_bytes()):
-                kept.append(path)
+            data = path.read_bytes()
         except OSError:
             continue
+        if _is_text(data) and (keep is None or keep(data.decode("utf-8"))):
+            kept.append(path)
     return kept, len(candidates) - len(kept)
 
 
@@ -174,13 +183,16 @@ def _checked(kind: str, label: str, files: list[Path], root: Path, skipped: int)
 
 
 def stdlib_source() -> TextSource:
-    """The embedded default corpus: every ``.py`` file of this Python's standard library.
+    """The embedded default corpus: the ``.py`` files of this Python's standard library that are code.
 
     Files under site-packages/dist-packages and ``__pycache__`` are left out, as are the few
-    that are not UTF-8 (counted as skipped). Sorted by path relative to the stdlib root.
+    that are not UTF-8 and the machine-generated data tables (``python_code.is_data_table``:
+    codec character maps, pydoc's topic texts, entity tables), all counted as skipped. Sorted
+    by path relative to the stdlib root.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
-    files, skipped = _text_files(_walk(root, ".py", _CACHE_DIRS | _INSTALLED_DIRS))
+    files, skipped = _text_files(_walk(root, ".py", _CACHE_DIRS | _INSTALLED_DIRS),
+                                 keep=lambda text: not is_data_table(text))
     return _checked("stdlib", str(root), files, root, skipped)
 
 

@@ -17,6 +17,7 @@ import yaml
 
 from formerkit.config import ModelConfig
 from formerkit.errors import ConfigError, did_you_mean
+from formerkit.precision import PRECISIONS
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -35,7 +36,8 @@ class DataSection:
                                     "when empty), an .npz with images + labels, or a folder of class folders of images")
     text_field: str = _opt("text", "JSONL field holding the text")
     label_field: str = _opt("label", "JSONL field holding the class label (objective=classify)")
-    tokenizer: str = _opt("bpe", "byte | char | bpe | path to a tokenizer.json or saved tokenizer dir")
+    tokenizer: str | None = _opt(None, "byte | char | bpe | path to a tokenizer.json or saved tokenizer dir "
+                                       "(default: bpe, or with model.init_from the checkpoint's own tokenizer)")
     vocab_size: int = _opt(8192, "BPE vocabulary size when training a BPE tokenizer")
     val_fraction: float = _opt(0.05, "share of documents held out for validation")
     cache_dir: str | None = _opt(None, "token cache directory (default: ~/.cache/formerkit/tokens)")
@@ -56,8 +58,12 @@ class TrainSection:
     batch_size: int = _opt(16, "sequences per optimizer step, across all processes and micro-steps")
     grad_accum: int = _opt(1, "micro-steps per optimizer step (no gradient all-reduce between them)")
     seq_len: int = _opt(256, "tokens per training window (max length for classify)")
-    precision: str = _opt("bf16", "bf16 (autocast, fp32 master weights) | fp32")
+    precision: str = _opt("auto", "auto (measure fp32 vs bf16, and fp16 on CUDA, on this device at start-up; take the "
+                                  "fastest) | fp32 | bf16 (autocast, fp32 master weights) | fp16 (autocast + loss "
+                                  "scaling)")
     compile: bool = _opt(False, "torch.compile the model")
+    attention: str = _opt("auto", "auto (time the fused sdpa kernel against explicit attention at start-up, take the "
+                                  "faster; the same numbers) | sdpa | eager")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     seed: int = _opt(0, "seed for initialization, data order, dropout and masking")
     mlm_probability: float = _opt(0.15, "share of tokens masked for objective=mlm (80% mask, 10% random, 10% kept)")
@@ -80,6 +86,8 @@ class OptimSection:
     beta2: float = _opt(0.95, "AdamW beta2")
     eps: float = _opt(1e-8, "AdamW epsilon")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)")
+    kernel: str = _opt("auto", "auto (time fused against foreach AdamW at start-up, take the faster; the same "
+                               "update) | fused | foreach")
 
 
 @dataclass
@@ -110,8 +118,9 @@ class LogSection:
     every: int = _opt(10, "log train metrics every N steps")
     progress: bool = _opt(True, "show a progress bar")
     tensorboard: bool = _opt(True, "write TensorBoard event files")
-    samples: int = _opt(3, "text samples printed at the end (causal LM; seq2seq: held-out example translations)")
-    sample_tokens: int = _opt(120, "tokens per sample")
+    samples: int = _opt(8, "text samples drawn at the end, also written to RUN_DIR/samples.txt (causal LM; "
+                           "seq2seq: held-out example translations)")
+    sample_tokens: int = _opt(160, "new tokens per sample")
 
 
 _DEFAULT_MODEL = {"preset": "gpt2", "n_layers": 6, "d_model": 320, "n_heads": 5, "d_ff": 1280,
@@ -172,8 +181,9 @@ class TrainConfig:
         merged = {"model": dict(_DEFAULT_MODEL), **{k: v for k, v in values.items() if k != "model"}}
         if "model" in values:
             merged["model"] = dict(values["model"] or {})
-            merged["model"].setdefault("preset", _DEFAULT_MODEL["preset"])
-        elif "model.preset" in parsed:  # a preset named on the command line brings its own sizes
+            if "init_from" not in merged["model"]:
+                merged["model"].setdefault("preset", _DEFAULT_MODEL["preset"])
+        elif "model.preset" in parsed or "model.init_from" in parsed:  # these bring their own sizes
             merged["model"] = {}
         for key, value in parsed.items():
             section, _, name = key.partition(".")
@@ -188,8 +198,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def model_config(self, vocab_size: int, num_labels: int | None = None) -> ModelConfig:
-        """The ModelConfig of this run, with the tokenizer's vocabulary (and label count) filled in."""
+        """The ModelConfig of this run, with the tokenizer's vocabulary (and label count) filled in.
+
+        With ``model.init_from`` the model section is expected to hold the checkpoint's config
+        already (``train.init_from.init_model_options``); the path itself is not a config field.
+        """
         values = dict(self.model)
+        values.pop("init_from", None)
         preset = values.pop("preset", None)
         values["vocab_size"] = vocab_size
         if num_labels is not None:
@@ -250,8 +265,10 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 def _validate(cfg: TrainConfig) -> None:
     t, o = cfg.train, cfg.optim
     choices = {"train.objective": (t.objective, ("causal", "mlm", "classify", "seq2seq", "image-classify")),
-               "train.precision": (t.precision, ("bf16", "fp32")),
-               "optim.schedule": (o.schedule, ("cosine", "inverse_sqrt"))}
+               "train.precision": (t.precision, PRECISIONS),
+               "optim.schedule": (o.schedule, ("cosine", "inverse_sqrt")),
+               "train.attention": (t.attention, ("auto", "sdpa", "eager")),
+               "optim.kernel": (o.kernel, ("auto", "fused", "foreach"))}
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}{did_you_mean(str(value), allowed)}")
@@ -288,7 +305,7 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     if o.schedule == "inverse_sqrt" and o.warmup_steps < 1:
         raise ConfigError("optim.schedule=inverse_sqrt needs optim.warmup_steps >= 1 (the peak comes at its end)")
-    known = {f.name for f in fields(ModelConfig)} | {"preset"}
+    known = {f.name for f in fields(ModelConfig)} | {"preset", "init_from"}
     for key in cfg.model:
         if key not in known:
             raise ConfigError(f'unknown option "model.{key}"{did_you_mean(key, known)}')
@@ -297,6 +314,8 @@ def _validate(cfg: TrainConfig) -> None:
 def options_help() -> str:
     """One line per option, ``--section.key (default): help``, for ``formerkit train --help``."""
     lines = ["model options: --model.preset NAME (default gpt2) and any ModelConfig field, e.g. --model.n_layers 4;",
+             "  --model.init_from PATH starts from pretrained weights (a Hugging Face dir, a native dir or a run dir) "
+             "with their architecture and tokenizer;",
              f"  defaults without a config file's model section or --model.preset: {json.dumps(_DEFAULT_MODEL)}"]
     for name, section in SECTIONS.items():
         lines.append(f"{name} options ({section.__doc__.strip()}):")

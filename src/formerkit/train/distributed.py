@@ -66,6 +66,15 @@ def mean_across(value: float, info: DistInfo) -> float:
     return tensor.item() / info.world_size
 
 
+def broadcast_object(value, info: DistInfo):
+    """Rank 0's ``value`` on every process (picklable; the value itself for a single process)."""
+    if not info.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(info: DistInfo) -> None:
     """Wait for every process (no-op for a single process)."""
     if info.enabled:

@@ -44,15 +44,32 @@ class Objective(Protocol):
     def tokens(self, batch: Batch) -> int: ...
 
 
+def bytes_per_token(tokens, tokenizer, *, batch_size: int, seq_len: int, max_batches: int) -> float:
+    """UTF-8 bytes per target token over the fixed evaluation windows of ``tokens`` (decoded text, specials skipped).
+
+    Turns a loss in nats per token into bits per byte: ``loss / ln 2 / bytes_per_token``.
+    """
+    text_bytes, count = 0, 0
+    for _, y in eval_batches(tokens, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches):
+        for row in y:  # (T,)
+            text_bytes += len(tokenizer.decode(row.tolist()).encode("utf-8"))
+            count += row.numel()
+    return text_bytes / count
+
+
 @dataclass
 class CausalLM:
-    """Next-token prediction on random windows of a token array."""
+    """Next-token prediction on random windows of a token array.
+
+    With ``bytes_per_token`` (of the evaluation windows) the evaluation also reports bits per byte.
+    """
 
     train: WindowBatches
     val_tokens: object
     seq_len: int
     eval_batch_size: int
     eval_batches: int
+    bytes_per_token: float | None = None
 
     def train_batch(self, step: int) -> Batch:
         """Rows of step ``step`` for this process: input x (B, T) and targets y (B, T)."""
@@ -70,7 +87,7 @@ class CausalLM:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device, autocast) -> dict[str, float]:
-        """Validation loss and perplexity over fixed windows of the validation split."""
+        """Validation loss (nats per token), perplexity and bits per byte over fixed windows of the validation split."""
         total, count = 0.0, 0
         for x, y in eval_batches(self.val_tokens, batch_size=self.eval_batch_size, seq_len=self.seq_len,
                                  max_batches=self.eval_batches):
@@ -78,7 +95,10 @@ class CausalLM:
                 total += self.loss(model, {"x": x.to(device), "y": y.to(device)}).item() * x.numel()
             count += x.numel()
         loss = total / count
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        if self.bytes_per_token:
+            out["bits_per_byte"] = loss / math.log(2) / self.bytes_per_token
+        return out
 
 
 def mask_tokens(x: torch.Tensor, generator: torch.Generator, *, probability: float, mask_id: int,

@@ -26,12 +26,14 @@ def decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
     return decay, no_decay
 
 
-def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
-    """AdamW over the two decay groups (fused kernels on CUDA)."""
+def build_optimizer(model: nn.Module, cfg: OptimSection, kernel: str | None = None) -> torch.optim.AdamW:
+    """AdamW over the two decay groups with ``kernel`` "fused" or "foreach" (None: fused on CUDA, else foreach)."""
     decay, no_decay = decay_groups(model)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+    if kernel is None:
+        kernel = "fused" if all(p.is_cuda for p in decay + no_decay) else "foreach"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             **{kernel: True})
 
 
 def inverse_sqrt_lr(step: int, peak: float, warmup_steps: int) -> float:

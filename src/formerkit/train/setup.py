@@ -7,14 +7,18 @@ from pathlib import Path
 
 import torch
 
+from formerkit.checkpoints import load_config
 from formerkit.config import ModelConfig
-from formerkit.data import TextSource, WindowBatches, load_corpus, load_labeled_jsonl
-from formerkit.errors import ConfigError, DataError
+from formerkit.data import LabeledData, TextSource, WindowBatches, load_corpus, load_labeled_jsonl
+from formerkit.data.topics import NAME as TOPICS_NAME
+from formerkit.data.topics import topic_splits
+from formerkit.errors import CheckpointError, ConfigError, DataError
 from formerkit.tokenizers import build_tokenizer, load_tokenizer
 from formerkit.train.config import TrainConfig
 from formerkit.train.distributed import DistInfo, barrier
 from formerkit.train.images import ImageClassification, image_model_options, image_splits
-from formerkit.train.objectives import CausalLM, Classification, MaskedLM
+from formerkit.train.init_from import init_model_options
+from formerkit.train.objectives import CausalLM, Classification, MaskedLM, bytes_per_token
 from formerkit.train.seq2seq import build_seq2seq, run_pairs
 
 DEFAULT_CACHE = Path.home() / ".cache" / "formerkit" / "tokens"
@@ -27,6 +31,13 @@ def prepare_tokenizer(cfg: TrainConfig, run_dir: Path, resume_path: Path | None,
         return None
     if resume_path is not None:
         return load_tokenizer(resume_path)
+    init_from = cfg.model.get("init_from")
+    if cfg.data.tokenizer is None and init_from:
+        try:
+            return load_tokenizer(init_from)
+        except CheckpointError as err:
+            raise ConfigError(f"model.init_from={init_from} has no tokenizer to train with ({err}); name one with "
+                              "--data.tokenizer") from err
     saved = run_dir / "tokenizer"
     if info.is_main:
         if source is not None:
@@ -35,13 +46,24 @@ def prepare_tokenizer(cfg: TrainConfig, run_dir: Path, resume_path: Path | None,
             pairs = run_pairs(cfg)[0]
             texts = lambda: iter(pairs.texts())  # noqa: E731
         else:
-            data = load_labeled_jsonl(cfg.data.source, text_field=cfg.data.text_field,
-                                      label_field=cfg.data.label_field)
-            texts = lambda: iter(data.texts)  # noqa: E731
-        tokenizer = build_tokenizer(cfg.data.tokenizer, texts, vocab_size=cfg.data.vocab_size)
+            train_texts = labeled_splits(cfg)[0].texts
+            texts = lambda: iter(train_texts)  # noqa: E731
+        tokenizer = build_tokenizer(cfg.data.tokenizer or "bpe", texts, vocab_size=cfg.data.vocab_size)
         tokenizer.save(saved)
     barrier(info)
     return load_tokenizer(saved)
+
+
+def labeled_splits(cfg: TrainConfig) -> tuple[LabeledData, LabeledData]:
+    """The (train, validation) texts of a classification run: ``synthetic:topics`` or a JSONL file, split."""
+    if cfg.data.source == TOPICS_NAME:
+        return topic_splits(cfg.data.val_fraction, cfg.train.seed)
+    if not cfg.data.source:
+        raise ConfigError("train.objective=classify needs --data.source: a JSONL file of "
+                          f"{{'{cfg.data.text_field}': ..., '{cfg.data.label_field}': ...}} records, or "
+                          f"{TOPICS_NAME} (a synthetic task)")
+    data = load_labeled_jsonl(cfg.data.source, text_field=cfg.data.text_field, label_field=cfg.data.label_field)
+    return data.split(cfg.data.val_fraction, cfg.train.seed)
 
 
 def _model_config(cfg: TrainConfig, vocab_size: int, num_labels: int | None = None) -> ModelConfig:
@@ -50,7 +72,14 @@ def _model_config(cfg: TrainConfig, vocab_size: int, num_labels: int | None = No
     needs = {"causal": {"head": "lm"}, "mlm": {"kind": "encoder", "head": "mlm"},
              "classify": {"head": "classifier"}, "seq2seq": {"kind": "encoder-decoder", "head": "lm"},
              "image-classify": {"kind": "encoder", "head": "classifier"}}[objective]
-    values = {**needs, **cfg.model}
+    init_from = cfg.model.get("init_from")
+    if init_from:
+        options = {k: v for k, v in cfg.model.items() if k not in ("init_from", "preset")}
+        if cfg.data.tokenizer is None:  # the checkpoint's own tokenizer: keep its (possibly padded) table
+            vocab_size = max(vocab_size, load_config(init_from).vocab_size)
+        values = {**init_model_options(init_from, options, needs), "init_from": init_from}
+    else:
+        values = {**needs, **cfg.model}
     for key, value in needs.items():
         if values[key] != value:
             raise ConfigError(f"train.objective={objective} needs model.{key}={value}, got {values[key]!r}")
@@ -76,17 +105,14 @@ def build_objective(cfg: TrainConfig, tokenizer, source: TextSource | None, info
         return ImageClassification(splits, t.batch_size, info.rank, info.world_size, t.seed,
                                    model_cfg.num_image_tokens, cfg.data.augment_shift), model_cfg
     if t.objective == "classify":
-        if not cfg.data.source:
-            raise ConfigError("train.objective=classify needs --data.source pointing at a JSONL file of "
-                              f"{{'{cfg.data.text_field}': ..., '{cfg.data.label_field}': ...}} records")
-        data = load_labeled_jsonl(cfg.data.source, text_field=cfg.data.text_field, label_field=cfg.data.label_field)
-        chosen = cfg.model.get("num_labels", len(data.label_names))
-        if chosen < len(data.label_names):
-            raise DataError(f"{cfg.data.source} holds {len(data.label_names)} distinct labels "
-                            f"({', '.join(data.label_names[:10])}{', ...' if len(data.label_names) > 10 else ''}), "
+        train, val = labeled_splits(cfg)
+        names = train.label_names
+        chosen = cfg.model.get("num_labels", len(names))
+        if chosen < len(names):
+            raise DataError(f"{cfg.data.source} holds {len(names)} distinct labels "
+                            f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''}), "
                             f"more than model.num_labels={chosen}; raise --model.num_labels or leave it unset "
                             "to take the count from the data")
-        train, val = data.split(cfg.data.val_fraction, t.seed)
         model_cfg = _model_config(cfg, tokenizer.vocab_size, num_labels=chosen)
         objective = Classification(train.texts, torch.tensor(train.labels), val.texts, torch.tensor(val.labels),
                                    tokenizer, t.seq_len, t.batch_size, info.rank, info.world_size, t.seed)
@@ -108,7 +134,9 @@ def build_objective(cfg: TrainConfig, tokenizer, source: TextSource | None, info
     windows = WindowBatches(corpus.train, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed,
                             rank=info.rank, world_size=info.world_size)
     if t.objective == "causal":
-        return CausalLM(windows, corpus.val, t.seq_len, eval_batch, cfg.eval.batches), model_cfg
+        per_token = bytes_per_token(corpus.val, tokenizer, batch_size=eval_batch, seq_len=t.seq_len,
+                                    max_batches=cfg.eval.batches)
+        return CausalLM(windows, corpus.val, t.seq_len, eval_batch, cfg.eval.batches, per_token), model_cfg
     if tokenizer.mask_id is None:
         raise ConfigError("train.objective=mlm needs a tokenizer with a mask token")
     special = torch.tensor([i for i in (tokenizer.pad_id, tokenizer.eos_id, tokenizer.mask_id) if i is not None])
