@@ -100,13 +100,13 @@ def test_auto_precision_follows_the_probe_and_says_so_first(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_fp16_autocast_trains_with_loss_scaling(tmp_path):
-    result = train(config(tmp_path, "--train.precision", "fp16", steps=30))
+    result = train(config(tmp_path, "--train.precision", "fp16", "--optim.lr", "1e-2", steps=12))
     ls = losses(tmp_path / "run")
-    assert ls[30] < 0.8 * ls[1] and math.isfinite(result.val["loss"])
-    state = torch.load(tmp_path / "run" / "checkpoints" / "step-0000030" / "trainer_state.pt", weights_only=True)
+    assert ls[12] < 0.8 * ls[1] and math.isfinite(result.val["loss"])
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-0000012" / "trainer_state.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0  # the loss scale is saved for resume
-    more = train(config(tmp_path, "--train.precision", "fp16", steps=35))
-    assert more.step == 35
+    more = train(config(tmp_path, "--train.precision", "fp16", "--optim.schedule_restart", "true", steps=14))
+    assert more.step == 14
 
 
 @pytest.mark.slow
@@ -128,9 +128,18 @@ def test_sample_command_reads_a_run_directory(tmp_path, capsys):
 @pytest.mark.slow
 def test_resume_continues_where_it_stopped(tmp_path):
     train(config(tmp_path, steps=20))
-    more = train(config(tmp_path, steps=30))
+    with pytest.raises(fk.ConfigError, match=r"planned for 20 steps.*--optim.schedule_restart true.*--model.init_from"):
+        train(config(tmp_path, steps=30))  # the cosine schedule would jump: say what to do instead
+    more = train(config(tmp_path, "--optim.schedule_restart", "true", steps=30))
     assert sorted(losses(tmp_path / "run")) == list(range(1, 31))  # no duplicates, no gap
     assert more.step == 30
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"}
+    assert lrs[21] == pytest.approx(3e-3 / 5)  # a new warmup (5 steps) starts at the resume step
+    assert lrs[25] == pytest.approx(3e-3) and lrs[30] < lrs[25]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-0000030" / "trainer_state.pt", weights_only=True)
+    assert state["schedule"] == {"start": 20, "end": 30}
+    again = train(config(tmp_path, steps=30))  # the restarted schedule is the run's own now: no flag needed
+    assert again.step == 30
 
 
 @pytest.mark.slow

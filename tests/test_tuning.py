@@ -68,9 +68,8 @@ def test_adamw_kernels_give_the_same_update():
 
 @pytest.mark.slow
 def test_a_resumed_run_keeps_its_choices(tmp_path, monkeypatch):
-    from test_train import config
-
     from formerkit.train import train
+    from test_train import config
 
     first = tuning.SpeedChoice("attention", "eager", {"sdpa": 1.0, "eager": 0.5})
     monkeypatch.setattr(tuning, "choose_attention", lambda *a, **k: first)
@@ -84,5 +83,5 @@ def test_a_resumed_run_keeps_its_choices(tmp_path, monkeypatch):
         return tuning.SpeedChoice("attention", previous or "sdpa")
 
     monkeypatch.setattr(tuning, "choose_attention", record)
-    train(config(tmp_path, "--log.samples", "0", steps=12))
+    train(config(tmp_path, "--log.samples", "0", "--optim.schedule_restart", "true", steps=12))
     assert seen["previous"] == "eager"

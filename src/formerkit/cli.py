@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -121,27 +122,45 @@ def cmd_tour(args: argparse.Namespace) -> None:
     _print_similarities(DEMO_SENTENCES, fk.embed(model, tokenizer, DEMO_SENTENCES))
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    """Train a model as the config file and ``--section.key value`` overrides say; report where results are."""
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a model as the config file and ``--section.key value`` overrides say; report where results are.
+
+    Returns the exit code: 0, or 128 + the signal number when SIGINT/SIGTERM stopped the run (after saving).
+    """
     from formerkit.train import TrainConfig, train
 
     cfg = TrainConfig.load(args.config, args.overrides)
     result = train(cfg)
+    if result.stopped and result.stopped.startswith("interrupted"):
+        return 128 + (signal.SIGTERM if "SIGTERM" in result.stopped else signal.SIGINT)
     if result.checkpoint is None:
-        return
+        return 0
+    _print_train_result(cfg, result)
+    return 0
+
+
+_NEXT_STEP = {
+    "causal": 'formerkit generate --checkpoint {run} --prompt "def " --temperature 0.8 --max-new-tokens 100',
+    "seq2seq": 'formerkit generate --checkpoint {run} --num-beams 4 --prompt "..."',
+    "classify": 'formerkit predict --checkpoint {run} "a text to classify"',
+    "mlm": 'formerkit predict --checkpoint {run} "a text with the tokenizer\'s mask token"',
+    "image-classify": "python -c \"import formerkit; formerkit.from_pretrained('{run}')(pixel_values=...)\"",
+}
+
+
+def _print_train_result(cfg, result) -> None:
+    """The end of ``formerkit train``: where the run stands, its samples, where every output went, what to run next."""
     print(f"\nstep {result.step}/{cfg.train.steps}" + (f" ({result.stopped})" if result.stopped else ""))
     if result.train_loss is not None:
         print(f"train loss {result.train_loss:.4f}")
     if result.val:
-        print("validation " + ", ".join(f"{k} {v:.4f}" for k, v in result.val.items()))
+        print("validation " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in result.val.items()))
     if result.tokens_per_s:
-        print(f"{result.tokens_per_s:,.0f} tokens/s in {result.precision}")
+        print(f"{result.tokens_per_s:,.0f} tokens/s in {result.precision} (evaluation and checkpoints included)")
     if result.test:
         test = result.test
         print(f"test accuracy {test['accuracy']:.4f} ({round(test['accuracy'] * test['images'])}/{test['images']} "
               f"held-out images), test loss {test['loss']:.4f}")
-        print(f"confusion:   {result.run_dir / 'confusion_matrix.png'}  "
-              f"(counts in {result.run_dir / 'test_metrics.json'})")
     for i, text in enumerate(result.samples):
         print(f"\n--- sample {i + 1} ---\n{text}")
     if result.python:
@@ -149,17 +168,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"\nsamples as Python: {py['sample_python_line_share']:.0%} of lines tokenize on their own (corpus "
               f"{py['corpus_python_line_share']:.0%}); token-kind mix {py['sample_token_kind_tv']:.3f} from the "
               "corpus's (total variation; real code cut into samples: about 0.06)")
-    use = "generate" if cfg.train.objective == "seq2seq" else "sample"
-    hint = f"formerkit {use} --checkpoint {result.run_dir} --prompt ..."
-    if cfg.train.objective == "image-classify":
-        hint = f"formerkit.from_pretrained('{result.run_dir}')(pixel_values=...)"
-    print(f"\ncheckpoint:  {result.checkpoint}  ({hint})")
-    print(f"metrics:     {result.run_dir / 'metrics.jsonl'} and {result.run_dir / 'tensorboard'}")
-    if result.loss_curve is not None:
-        print(f"loss curve:  {result.loss_curve}")
-    if (result.run_dir / "summary.json").is_file():
-        print(f"summary:     {result.run_dir / 'summary.json'}" + (f" (samples in {result.run_dir / 'samples.txt'})"
-                                                                    if result.samples else ""))
+    run = result.run_dir
+    outputs = [("checkpoint", f"{result.checkpoint} (the run directory loads its latest checkpoint)"),
+               ("metrics", f"{run / 'metrics.jsonl'}, TensorBoard events in {run / 'tensorboard'}"),
+               ("loss curve", result.loss_curve), ("samples", run / "samples.txt"), ("summary", run / "summary.json"),
+               ("confusion", run / "confusion_matrix.png"), ("test", run / "test_metrics.json"),
+               ("config", f"{run / 'config.yaml'} (formerkit train --config {run / 'config.yaml'} repeats the run)")]
+    print(f"\nwhere everything went ({run}):")
+    for name, where in outputs:
+        if where is not None and (not isinstance(where, Path) or where.is_file()):
+            print(f"  {name:11s} {where}")
+    print("next:       " + _NEXT_STEP[cfg.train.objective].format(run=run))
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -244,11 +263,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.overrides = rest
     try:
-        args.func(args)
+        return args.func(args) or 0
     except FormerkitError as err:
         print(f"formerkit: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print("formerkit: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ class TokenCorpus:
     val: np.ndarray  # (N_val,)
     vocab_size: int
     directory: Path  # the cache entry holding train.bin, val.bin, meta.json
+    documents: int = 0  # documents of the source (train and validation)
+    val_documents: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -162,7 +164,8 @@ def _open(directory: Path, key: str) -> TokenCorpus | None:
     if not complete:
         return None
     return TokenCorpus(_map(directory / "train.bin", dtype), _map(directory / "val.bin", dtype),
-                       int(meta["vocab_size"]), directory)
+                       int(meta["vocab_size"]), directory, int(meta.get("documents", 0)),
+                       int(meta.get("val_documents", 0)))
 
 
 def cache_key(source: TextSource, tokenizer: Tokenizer, val_fraction: float) -> str:

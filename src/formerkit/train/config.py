@@ -86,6 +86,8 @@ class OptimSection:
     beta2: float = _opt(0.95, "AdamW beta2")
     eps: float = _opt(1e-8, "AdamW epsilon")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)")
+    schedule_restart: bool = _opt(False, "resuming with another train.steps: start a new warmup + decay at the "
+                                         "resume step (without it, changing the steps of a cosine run is an error)")
     kernel: str = _opt("auto", "auto (time fused against foreach AdamW at start-up, take the faster; the same "
                                "update) | fused | foreach")
 
@@ -108,7 +110,9 @@ class CheckpointSection:
     run_dir: str = _opt("runs/default", "run directory: checkpoints, metrics, loss curve, resolved config")
     every: int = _opt(500, "save a checkpoint every N steps (and at the end)")
     keep: int = _opt(2, "checkpoints to keep")
-    resume: bool = _opt(True, "resume from the run directory's latest checkpoint when there is one")
+    resume: bool | str = _opt(True, "true: resume from the newest readable checkpoint when there is one (an "
+                                    "unreadable newest one falls back to the previous); false: refuse a run directory "
+                                    "that holds checkpoints; a step directory (step-0000100): resume from that one")
 
 
 @dataclass
@@ -290,6 +294,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
         raise ConfigError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0")
+    resume = cfg.checkpoint.resume
+    if not isinstance(resume, bool) and not (isinstance(resume, str) and resume.strip()):
+        raise ConfigError(f"checkpoint.resume must be true, false or a step directory (step-0000100), got {resume!r}")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     if not 0 < cfg.data.test_fraction < 1:

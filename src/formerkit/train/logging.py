@@ -5,7 +5,8 @@
 - ``metrics.jsonl``: one JSON object per line, ``{"step", "split", "time", **metrics}``, flushed after every
   line so a killed run keeps all it logged. Non-finite numbers are written as the strings ``"nan"``, ``"inf"``
   and ``"-inf"`` (JSON has no literal for them); ``read_metrics`` turns them back into floats.
-- ``tensorboard/``: TensorBoard event files with scalars ``train/<key>`` and ``val/<key>``.
+- ``tensorboard/``: TensorBoard event files with scalars ``train/<key>`` and ``val/<key>``, flushed at every
+  logged step like the metrics file.
 - ``loss_curve.png``: written by ``close`` from the whole metrics file, so a resumed run plots its full history.
 
 A logger made with ``enabled=False`` (every rank but rank 0 in distributed training) does nothing at all.
@@ -178,6 +179,7 @@ class RunLogger:
         if self._writer is not None:
             for key, value in metrics.items():
                 self._writer.add_scalar(f"{split}/{key}", float(value), int(step))
+            self._writer.flush()  # a killed run keeps every logged step in TensorBoard too
 
 
 def _json_value(value: float) -> int | float | str:

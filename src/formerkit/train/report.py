@@ -91,3 +91,22 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text))
     return path
+
+
+def report_causal(cfg, model: nn.Module, tokenizer, source: TextSource | None, autocast, result) -> None:
+    """A finished causal run's samples (measured as Python for a Python corpus), samples.txt and summary.json.
+
+    ``cfg`` is the run's TrainConfig and ``result`` its TrainResult, whose ``samples`` and
+    ``python`` this fills in.
+    """
+    summary = {"steps_done": result.step, "steps_planned": cfg.train.steps, "precision": result.precision,
+               "tokens_per_s": result.tokens_per_s, "val_loss": result.val.get("loss"),
+               "val_bpb": result.val.get("bits_per_byte")}
+    if cfg.log.samples:
+        prompts = sample_prompts(source, cfg.log.samples)
+        result.samples = draw_samples(model, tokenizer, prompts, cfg.log.sample_tokens, cfg.train.seed, autocast)
+        write_samples(result.run_dir, result.samples)
+        if source is not None and source.is_python:
+            result.python = python_measures(result.samples, reference_texts(source, cfg.data.val_fraction))
+            summary.update(result.python)
+    write_summary(result.run_dir, summary)

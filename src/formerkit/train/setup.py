@@ -13,7 +13,7 @@ from formerkit.data import LabeledData, TextSource, WindowBatches, load_corpus, 
 from formerkit.data.topics import NAME as TOPICS_NAME
 from formerkit.data.topics import topic_splits
 from formerkit.errors import CheckpointError, ConfigError, DataError
-from formerkit.tokenizers import build_tokenizer, load_tokenizer
+from formerkit.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 from formerkit.train.config import TrainConfig
 from formerkit.train.distributed import DistInfo, barrier
 from formerkit.train.images import ImageClassification, image_model_options, image_splits
@@ -24,13 +24,13 @@ from formerkit.train.seq2seq import build_seq2seq, run_pairs
 DEFAULT_CACHE = Path.home() / ".cache" / "formerkit" / "tokens"
 
 
-def prepare_tokenizer(cfg: TrainConfig, run_dir: Path, resume_path: Path | None, source: TextSource | None,
+def prepare_tokenizer(cfg: TrainConfig, run_dir: Path, resumed: Tokenizer | None, source: TextSource | None,
                       info: DistInfo):
-    """The run's tokenizer: the checkpoint's when resuming, else built once (on rank 0) and saved in the run."""
+    """The run's tokenizer: ``resumed`` (the checkpoint's) when resuming, else built once (on rank 0) and saved."""
     if cfg.train.objective == "image-classify":  # images need no tokenizer
         return None
-    if resume_path is not None:
-        return load_tokenizer(resume_path)
+    if resumed is not None:
+        return resumed
     init_from = cfg.model.get("init_from")
     if cfg.data.tokenizer is None and init_from:
         try:
@@ -95,15 +95,29 @@ def _model_config(cfg: TrainConfig, vocab_size: int, num_labels: int | None = No
     return model_cfg
 
 
+def _tokenizer_words(cfg: TrainConfig, tokenizer: Tokenizer) -> str:
+    """How the log names the run's tokenizer, with its real vocabulary size (and the size asked for a new BPE)."""
+    kind = cfg.data.tokenizer
+    if kind is None and cfg.model.get("init_from"):
+        return f"the tokenizer of {cfg.model['init_from']} ({tokenizer.vocab_size:,} tokens)"
+    if kind in (None, "bpe"):
+        return f"byte-level BPE learned here: {tokenizer.vocab_size:,} tokens (asked {cfg.data.vocab_size:,})"
+    if kind in ("byte", "char"):
+        return f"{kind} tokenizer ({tokenizer.vocab_size:,} tokens)"
+    return f"the tokenizer in {kind} ({tokenizer.vocab_size:,} tokens)"
+
+
 def build_objective(cfg: TrainConfig, tokenizer, source: TextSource | None, info: DistInfo):
-    """Load the data for ``cfg.train.objective``; return (objective, ModelConfig)."""
+    """Load the data for ``cfg.train.objective``; return (objective, ModelConfig, a one-line data summary)."""
     t = cfg.train
     eval_batch = t.batch_size  # the same windows whatever the accumulation or process count
     if t.objective == "image-classify":  # vocab_size is unused by image models
         splits = image_splits(cfg)
         model_cfg = _model_config(image_model_options(cfg, splits.train), 1, len(splits.train.label_names))
+        line = (f"data: {splits.train.description}: {len(splits.train):,} training, {len(splits.val):,} validation "
+                f"and {len(splits.test):,} test images, {len(splits.train.label_names)} classes")
         return ImageClassification(splits, t.batch_size, info.rank, info.world_size, t.seed,
-                                   model_cfg.num_image_tokens, cfg.data.augment_shift), model_cfg
+                                   model_cfg.num_image_tokens, cfg.data.augment_shift), model_cfg, line
     if t.objective == "classify":
         train, val = labeled_splits(cfg)
         names = train.label_names
@@ -116,11 +130,16 @@ def build_objective(cfg: TrainConfig, tokenizer, source: TextSource | None, info
         model_cfg = _model_config(cfg, tokenizer.vocab_size, num_labels=chosen)
         objective = Classification(train.texts, torch.tensor(train.labels), val.texts, torch.tensor(val.labels),
                                    tokenizer, t.seq_len, t.batch_size, info.rank, info.world_size, t.seed)
-        return objective, model_cfg
+        line = (f"data: {cfg.data.source}: {len(train):,} training and {len(val):,} validation texts, labels "
+                f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''}; {_tokenizer_words(cfg, tokenizer)}")
+        return objective, model_cfg, line
     if t.objective == "seq2seq":  # decoding starts from the pad id, as seq2seq training teaches it to
         model_cfg = dataclasses.replace(_model_config(cfg, tokenizer.vocab_size), pad_token_id=tokenizer.pad_id,
                                         decoder_start_token_id=tokenizer.pad_id)
-        return build_seq2seq(cfg, tokenizer, info), model_cfg
+        objective = build_seq2seq(cfg, tokenizer, info)
+        line = (f"data: {cfg.data.source}: {len(objective.train_pairs):,} training and "
+                f"{len(objective.val_pairs):,} held-out pairs; {_tokenizer_words(cfg, tokenizer)}")
+        return objective, model_cfg, line
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else DEFAULT_CACHE
     if info.is_main:
         corpus = load_corpus(source, tokenizer, cache_dir=cache, val_fraction=cfg.data.val_fraction)
@@ -131,15 +150,18 @@ def build_objective(cfg: TrainConfig, tokenizer, source: TextSource | None, info
         raise DataError(f"the validation split has {len(corpus.val)} tokens, fewer than seq_len+1={t.seq_len + 1}; "
                         "use more text, a larger --data.val_fraction or a smaller --train.seq_len")
     model_cfg = _model_config(cfg, tokenizer.vocab_size)
+    line = (f"data: {source.describe()}; {corpus.documents - corpus.val_documents:,} training documents "
+            f"({len(corpus.train):,} tokens) and {corpus.val_documents:,} validation documents "
+            f"({len(corpus.val):,} tokens); {_tokenizer_words(cfg, tokenizer)}")
     windows = WindowBatches(corpus.train, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed,
                             rank=info.rank, world_size=info.world_size)
     if t.objective == "causal":
         per_token = bytes_per_token(corpus.val, tokenizer, batch_size=eval_batch, seq_len=t.seq_len,
                                     max_batches=cfg.eval.batches)
-        return CausalLM(windows, corpus.val, t.seq_len, eval_batch, cfg.eval.batches, per_token), model_cfg
+        return CausalLM(windows, corpus.val, t.seq_len, eval_batch, cfg.eval.batches, per_token), model_cfg, line
     if tokenizer.mask_id is None:
         raise ConfigError("train.objective=mlm needs a tokenizer with a mask token")
     special = torch.tensor([i for i in (tokenizer.pad_id, tokenizer.eos_id, tokenizer.mask_id) if i is not None])
     objective = MaskedLM(windows, corpus.val, t.seq_len, eval_batch, cfg.eval.batches, t.mlm_probability,
                          tokenizer.mask_id, tokenizer.vocab_size, special, t.seed)
-    return objective, model_cfg
+    return objective, model_cfg, line

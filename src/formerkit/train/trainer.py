@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 import yaml
 from torch import nn
 
+from formerkit.checkpoints import load_weights_into
 from formerkit.checkpoints.files import atomic_write
 from formerkit.data import resolve_source
 from formerkit.errors import ConfigError, TrainingError
@@ -21,20 +23,14 @@ from formerkit.train import parallel
 from formerkit.train.allocator import keep_freed_memory
 from formerkit.train.config import TrainConfig
 from formerkit.train.distributed import DistInfo, barrier, mean_across, setup, teardown
+from formerkit.train.guard import RunLock, StopSignals
 from formerkit.train.init_from import init_weights
 from formerkit.train.logging import RunLogger
 from formerkit.train.objectives import split_micro
-from formerkit.train.optim import build_optimizer, lr_at
-from formerkit.train.report import (
-    draw_samples,
-    python_measures,
-    reference_texts,
-    sample_prompts,
-    write_samples,
-    write_summary,
-)
+from formerkit.train.optim import Schedule, build_optimizer, resume_schedule
+from formerkit.train.report import report_causal
 from formerkit.train.setup import build_objective, prepare_tokenizer
-from formerkit.train.state import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from formerkit.train.state import Resumed, latest_checkpoint, resume_point, rng_state, save_checkpoint, set_rng_state
 from formerkit.train.tuning import RunChoices, make_choices, use_attention
 
 
@@ -57,12 +53,21 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train as ``cfg`` says: build or resume the run in ``cfg.checkpoint.run_dir`` and return its result."""
+    """Train as ``cfg`` says: build or resume the run in ``cfg.checkpoint.run_dir`` and return its result.
+
+    The run directory is locked for the run's life (rank 0); Ctrl-C or SIGTERM during the loop
+    saves a checkpoint and returns with ``result.stopped`` saying so.
+    """
     info = setup(cfg.train.device)
     keep_freed_memory()  # no page faults on every step's fresh activation buffers (see train/allocator.py)
     threads = torch.get_num_threads()  # train.threads applies to this run only
+    lock = RunLock(cfg.checkpoint.run_dir) if info.is_main else contextlib.nullcontext()
     try:
-        return _run(cfg, info)
+        with lock:
+            if isinstance(lock, RunLock) and lock.took_over:
+                warnings.warn(f"taking over the run directory's lock left by pid {lock.took_over.get('pid')} "
+                              f"(started {lock.took_over.get('started')}), which is no longer running", stacklevel=2)
+            return _run(cfg, info)
     finally:
         torch.set_num_threads(threads)
         teardown(info)
@@ -75,24 +80,49 @@ def autocast_for(precision: str, device: torch.device):
     return lambda: torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
-def _check_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
+def _check_resume(cfg: TrainConfig, run_dir: Path) -> Resumed | None:
+    """The checkpoint to resume from (read whole), after checking the run's options still match; None: start."""
+    which = cfg.checkpoint.resume
+    if which is False:
+        latest = latest_checkpoint(run_dir)
+        if latest is not None:
+            raise TrainingError(f"{run_dir} already holds checkpoints (latest {latest.name}); resume it with "
+                                "--checkpoint.resume true (or a step directory) or choose another "
+                                "--checkpoint.run_dir")
         return None
-    if not cfg.checkpoint.resume:
-        raise TrainingError(f"{run_dir} already holds checkpoints (latest {latest.name}); resume it with "
-                            "--checkpoint.resume true or choose another --checkpoint.run_dir")
+    resumed = resume_point(run_dir, which)
+    if resumed is None:
+        return None
     saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     for section in ("model", "data"):
         if saved.get(section) not in (None, cfg.to_dict()[section]):
             raise TrainingError(f"{run_dir} was trained with different {section} options ({saved[section]}); "
                                 "resume with the same options or choose another --checkpoint.run_dir")
-    return latest
+    return resumed
+
+
+@dataclass
+class _Run:
+    """Everything the loop works with."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    model: Transformer
+    train_model: parallel.Wrapped
+    optimizer: torch.optim.Optimizer
+    objective: object
+    tokenizer: object
+    autocast: object
+    logger: RunLogger
+    scaler: torch.amp.GradScaler | None
+    choices: RunChoices
+    schedule: Schedule
+    result: TrainResult
 
 
 def _run(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     run_dir = Path(cfg.checkpoint.run_dir)
-    resume_path = _check_resume(cfg, run_dir)
+    resumed = _check_resume(cfg, run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -105,65 +135,66 @@ def _run(cfg: TrainConfig, info: DistInfo) -> TrainResult:
         torch.set_num_threads(cfg.train.threads)
     source = resolve_source(cfg.data.source, text_field=cfg.data.text_field) \
         if cfg.train.objective not in ("classify", "seq2seq", "image-classify") else None
-    tokenizer = prepare_tokenizer(cfg, run_dir, resume_path, source, info)
-    objective, model_cfg = build_objective(cfg, tokenizer, source, info)
+    tokenizer = prepare_tokenizer(cfg, run_dir, resumed.tokenizer if resumed else None, source, info)
+    objective, model_cfg, data_line = build_objective(cfg, tokenizer, source, info)
     model = Transformer(model_cfg).to(info.device)
-    resumed = load_checkpoint(resume_path, model) if resume_path is not None else None
+    start, schedule = 0, Schedule(0, cfg.train.steps)
+    if resumed is not None:
+        load_weights_into(model, resumed.weights, resumed.path)
+        start = resumed.step
+        schedule = resume_schedule(resumed.state, cfg, run_dir)
     initialised = init_weights(model, cfg.model["init_from"]) if cfg.model.get("init_from") and not resumed else None
     choices = make_choices(cfg, model, info, resumed.state.get("choices", {}) if resumed else {})
-    precision = choices.precision
     use_attention(model, choices.attention.chosen)
     parallel.shard(model, cfg, info)
     optimizer = build_optimizer(model, cfg.optim, choices.adamw.chosen)
-    scaler = torch.amp.GradScaler(info.device.type) if precision.precision == "fp16" else None
-    start = 0
+    scaler = torch.amp.GradScaler(info.device.type) if choices.precision.precision == "fp16" else None
     if resumed is not None:
         parallel.load_optimizer_state(model, optimizer, resumed.state["optimizer"])
         set_rng_state(resumed.state["rng"])
         if scaler is not None and "scaler" in resumed.state:
             scaler.load_state_dict(resumed.state["scaler"])
-        start = resumed.step
-    train_model = parallel.wrap(model, cfg, info)
-    autocast = autocast_for(precision.precision, info.device)
     logger = RunLogger(run_dir, cfg.train.steps, enabled=info.is_main, progress=cfg.log.progress,
                        tensorboard=cfg.log.tensorboard, start_step=start)
     if info.is_main:
-        where = f"resuming {resume_path} at step {start}" if resume_path else "starting"
+        where = f"resuming {resumed.path} at step {start}" if resumed else "starting"
         logger.message(f"formerkit train: {where}; {model.num_parameters() / 1e6:.2f}M parameters, "
-                       f"{info.world_size} process(es) on {info.device}; {precision.describe()}")
+                       f"{info.world_size} process(es) on {info.device}; {choices.precision.describe()}")
         logger.message(f"speed: {choices.attention.describe()}; {choices.adamw.describe()}")
+        logger.message(data_line)
+        per_step = cfg.train.batch_size * cfg.train.seq_len
+        logger.message(f"plan: steps {start + 1}-{cfg.train.steps}, {per_step:,} tokens per step (batch "
+                       f"{cfg.train.batch_size} x {cfg.train.seq_len}), {per_step * (cfg.train.steps - start):,} "
+                       f"tokens to go{schedule.describe(cfg.optim)}; run directory {run_dir}")
         if initialised is not None:
             logger.message(initialised.describe())
-    result = TrainResult(run_dir=run_dir, step=start, checkpoint=resume_path, train_loss=None,
-                         precision=precision.precision)
+    result = TrainResult(run_dir=run_dir, step=start, checkpoint=resumed.path if resumed else None, train_loss=None,
+                         precision=choices.precision.precision)
+    run = _Run(cfg, info, model, parallel.wrap(model, cfg, info), optimizer, objective, tokenizer,
+               autocast_for(choices.precision.precision, info.device), logger, scaler, choices, schedule, result)
     try:
-        _loop(cfg, info, model, train_model, optimizer, objective, tokenizer, autocast, logger, start, result,
-              scaler, choices)
+        with StopSignals() as signals:
+            _loop(run, start, signals)
     finally:
         result.loss_curve = logger.close()
-    if info.is_main and cfg.train.objective == "causal":
-        _report_causal(cfg, model, tokenizer, source, autocast, result)
-    if info.is_main and cfg.train.objective == "seq2seq" and cfg.log.samples:
-        result.samples = objective.examples(model, cfg.log.samples, autocast)
-    if info.is_main and hasattr(objective, "finish"):  # image classification: test accuracy, confusion matrix
-        model.eval()
-        result.test = objective.finish(model, run_dir, result.step, info.device, autocast)
+    if result.stopped and result.stopped.startswith("interrupted"):
+        return result
+    _finish(run, source)
     return result
 
 
-def _report_causal(cfg: TrainConfig, model: Transformer, tokenizer, source, autocast, result: TrainResult) -> None:
-    """Samples (with their Python measures for a Python corpus), samples.txt and summary.json of a causal run."""
-    summary = {"steps_done": result.step, "steps_planned": cfg.train.steps, "precision": result.precision,
-               "tokens_per_s": result.tokens_per_s, "val_loss": result.val.get("loss"),
-               "val_bpb": result.val.get("bits_per_byte")}
-    if cfg.log.samples:
-        prompts = sample_prompts(source, cfg.log.samples)
-        result.samples = draw_samples(model, tokenizer, prompts, cfg.log.sample_tokens, cfg.train.seed, autocast)
-        write_samples(result.run_dir, result.samples)
-        if source is not None and source.is_python:
-            result.python = python_measures(result.samples, reference_texts(source, cfg.data.val_fraction))
-            summary.update(result.python)
-    write_summary(result.run_dir, summary)
+def _finish(run: _Run, source) -> None:
+    """What a run does after its last step: samples and summary, translations, or the image test report."""
+    cfg, info, result = run.cfg, run.info, run.result
+    if not info.is_main:
+        return
+    if cfg.train.objective == "causal":
+        report_causal(cfg, run.model, run.tokenizer, source, run.autocast, result)
+    if cfg.train.objective == "seq2seq" and cfg.log.samples:
+        result.samples = run.objective.examples(run.model, cfg.log.samples, run.autocast)
+    if hasattr(run.objective, "finish"):  # image classification: test accuracy, confusion matrix
+        run.model.eval()
+        result.test = run.objective.finish(run.model, result.run_dir, result.step, info.device, run.autocast)
 
 
 def accumulate_gradients(train_model: parallel.Wrapped, loss_fn, micro: list[dict], device: torch.device,
@@ -204,61 +235,78 @@ def apply_gradients(model: nn.Module, optimizer: torch.optim.Optimizer, grad_cli
     return grad_norm
 
 
-def _loop(cfg: TrainConfig, info: DistInfo, model: Transformer, train_model: parallel.Wrapped, optimizer, objective,
-          tokenizer, autocast, logger: RunLogger, start: int, result: TrainResult,
-          scaler: torch.amp.GradScaler | None, choices: RunChoices) -> None:
-    t = cfg.train
+def _loop(run: _Run, start: int, signals: StopSignals) -> None:
+    """Train from step ``start`` to ``train.steps``: log, evaluate and save on schedule; stop on time or signal."""
+    cfg, info, t, result = run.cfg, run.info, run.cfg.train, run.result
     started = time.monotonic()
     trained_tokens = 0
     window_tokens, window_start = 0, time.monotonic()
     step = start
     if step >= t.steps:  # a finished run: report where it stands
-        train_model.eval()
-        result.val = objective.evaluate(train_model, info.device, autocast)
+        run.train_model.eval()
+        result.val = run.objective.evaluate(run.train_model, info.device, run.autocast)
     while step < t.steps:
-        train_model.train()
-        lr = lr_at(step, cfg.optim, t.steps)
-        for group in optimizer.param_groups:
+        run.train_model.train()
+        lr = run.schedule.lr(step, cfg.optim)
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
-        micro = split_micro(objective.train_batch(step), t.grad_accum)
-        step_tokens = sum(objective.tokens(b) for b in micro) * info.world_size
+        micro = split_micro(run.objective.train_batch(step), t.grad_accum)
+        step_tokens = sum(run.objective.tokens(b) for b in micro) * info.world_size
         window_tokens += step_tokens
         trained_tokens += step_tokens
-        loss_sum = accumulate_gradients(train_model, objective.loss, micro, info.device, autocast, scaler)
+        loss_sum = accumulate_gradients(run.train_model, run.objective.loss, micro, info.device, run.autocast,
+                                        run.scaler)
         loss_value = mean_across(float(loss_sum), info)
         if not math.isfinite(loss_value):
-            optimizer.zero_grad(set_to_none=True)
+            run.optimizer.zero_grad(set_to_none=True)
             last_good = latest_checkpoint(result.run_dir)
             raise TrainingError(f"the loss became {loss_value} at step {step + 1}; training stopped. The last good "
                                 f"checkpoint is {last_good or 'none (none was saved yet)'}; lower --optim.lr or "
                                 "check the data")
-        grad_norm = apply_gradients(model, optimizer, cfg.optim.grad_clip, scaler)
+        grad_norm = apply_gradients(run.model, run.optimizer, cfg.optim.grad_clip, run.scaler)
         step += 1
         result.step, result.train_loss = step, loss_value
         result.tokens_per_s = trained_tokens / max(time.monotonic() - started, 1e-9)
         if step % cfg.log.every == 0 or step == t.steps:
             elapsed = time.monotonic() - window_start
-            logger.log_train(step, {"loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                                    "tokens_per_s": window_tokens / max(elapsed, 1e-9)})
+            run.logger.log_train(step, {"loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                                        "tokens_per_s": window_tokens / max(elapsed, 1e-9)})
+            if step - start == cfg.log.every and step < t.steps:  # the first window: how long the rest will take
+                per_step = elapsed / cfg.log.every
+                run.logger.message(f"{per_step:.2f} s per step so far: about {_minutes(per_step * (t.steps - step))} "
+                                   "to go, evaluation and checkpoints aside")
             window_tokens, window_start = 0, time.monotonic()
         out_of_time = t.max_minutes is not None and time.monotonic() - started > t.max_minutes * 60
-        out_of_time = mean_across(float(out_of_time), info) > 0  # every process stops together
-        final = step == t.steps or out_of_time
-        if step % cfg.eval.every == 0 or final:
-            train_model.eval()
-            result.val = objective.evaluate(train_model, info.device, autocast)
-            logger.log_eval(step, result.val)
+        stop = mean_across(float(out_of_time) + 2 * float(signals.received is not None), info)
+        final = step == t.steps or stop > 0  # every process stops together
+        if (step % cfg.eval.every == 0 or final) and not signals.received:
+            run.train_model.eval()
+            result.val = run.objective.evaluate(run.train_model, info.device, run.autocast)
+            run.logger.log_eval(step, result.val)
         if step % cfg.checkpoint.every == 0 or final:
-            state = {"step": step, "optimizer": parallel.optimizer_state(model, optimizer),
-                     "rng": rng_state(), "config": cfg.to_dict(), "choices": choices.saved()}
-            if scaler is not None:
-                state["scaler"] = scaler.state_dict()
-            weights_model = parallel.full_model(model, info, cfg)
-            if info.is_main:
-                result.checkpoint = save_checkpoint(result.run_dir, step, weights_model, tokenizer, state,
-                                                    cfg.checkpoint.keep)
-            barrier(info)
-        if out_of_time and step < t.steps:
-            result.stopped = f"time limit of {t.max_minutes} minutes reached at step {step}"
-            logger.message(f"stopping: {result.stopped}; resume with the same command to continue")
+            _save(run, step)
+        if signals.received and step < t.steps:
+            result.stopped = f"interrupted by {signals.received} at step {step}"
+            run.logger.message(f"{result.stopped}: saved {result.checkpoint}; run the same command to resume")
             break
+        if stop > 0 and step < t.steps:
+            result.stopped = f"time limit of {t.max_minutes} minutes reached at step {step}"
+            run.logger.message(f"stopping: {result.stopped}; resume with the same command to continue")
+            break
+
+
+def _save(run: _Run, step: int) -> None:
+    """Write checkpoint ``step``: weights, tokenizer, optimizer, RNG, schedule and start-up choices."""
+    state = {"step": step, "optimizer": parallel.optimizer_state(run.model, run.optimizer), "rng": rng_state(),
+             "config": run.cfg.to_dict(), "choices": run.choices.saved(), "schedule": run.schedule.saved()}
+    if run.scaler is not None:
+        state["scaler"] = run.scaler.state_dict()
+    weights_model = parallel.full_model(run.model, run.info, run.cfg)
+    if run.info.is_main:
+        run.result.checkpoint = save_checkpoint(run.result.run_dir, step, weights_model, run.tokenizer, state,
+                                                run.cfg.checkpoint.keep)
+    barrier(run.info)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} minutes" if seconds >= 90 else f"{seconds:.0f} s"
