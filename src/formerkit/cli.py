@@ -6,7 +6,6 @@ import argparse
 import json
 import signal
 import sys
-from pathlib import Path
 
 import torch
 
@@ -89,16 +88,6 @@ def _print_similarities(sentences: list[str], vectors: torch.Tensor) -> None:
         others[i] = -2
         j = int(others.argmax())
         print(f"  nearest to [{i}] is [{j}] ({sims[i, j]:.2f}): {sentences[j][:60]}")
-
-
-def cmd_convert(args: argparse.Namespace) -> None:
-    """Convert a checkpoint between formerkit's native format and a Hugging Face directory."""
-    model = fk.from_pretrained(args.checkpoint)
-    out = fk.save_pretrained(model, args.out, format=args.format)
-    tokenizer_file = Path(args.checkpoint) / "tokenizer.json"
-    if tokenizer_file.is_file():
-        fk.load_tokenizer(args.checkpoint).save(out)
-    print(f"wrote {args.format} checkpoint to {out}")
 
 
 def cmd_tour(args: argparse.Namespace) -> None:
@@ -216,11 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sentences", nargs="*", help="sentences (default: one per line on standard input)")
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("convert", help="convert a checkpoint between native and Hugging Face formats")
-    p.add_argument("--checkpoint", required=True, help="source checkpoint directory (native or HF)")
-    p.add_argument("--out", required=True, help="directory to write")
-    p.add_argument("--format", choices=["native", "hf"], default="native", help="format to write")
-    p.set_defaults(func=cmd_convert)
+    from formerkit.convert import add_convert_command
+
+    add_convert_command(sub)
 
     from formerkit.train.config import options_help
 

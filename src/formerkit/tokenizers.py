@@ -100,15 +100,18 @@ class HFTokenizer:
 
     The file's own padding and truncation settings are switched off: ``batch`` pads and
     truncates explicitly, so results never depend on what the file happened to store.
+    ``config`` holds the other entries of the tokenizer_config.json it was loaded from
+    (tokenizer class, chat template, ...): formerkit does not use them, ``save`` writes them back.
     """
 
     def __init__(self, tokenizer: _RustTokenizer, *, special_tokens: dict[str, str] | None = None,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, config: dict | None = None) -> None:
         self._tok = tokenizer
         self._tok.no_padding()
         self._tok.no_truncation()
         self.special_tokens = dict(special_tokens or {})
         self.max_length = max_length
+        self.config = dict(config or {})
 
     @property
     def vocab_size(self) -> int:
@@ -177,12 +180,18 @@ class HFTokenizer:
         return _sha256(self._tok.to_str() + json.dumps(self.special_tokens, sort_keys=True))
 
     def save(self, directory: str | Path) -> None:
-        """Write tokenizer.json and tokenizer_config.json into ``directory``."""
+        """Write tokenizer.json and tokenizer_config.json into ``directory``.
+
+        tokenizer_config.json names the special tokens, the maximum length and a ``tokenizer_class``
+        (``PreTrainedTokenizerFast`` unless the loaded config named one), so that
+        ``transformers.AutoTokenizer.from_pretrained(directory)`` loads it too.
+        """
         from formerkit.checkpoints.files import atomic_write, write_json
 
         path = Path(directory)
         atomic_write(path / "tokenizer.json", lambda tmp: self._tok.save(str(tmp)))
-        config = {**self.special_tokens, "model_max_length": self.max_length}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.config, **self.special_tokens,
+                  "model_max_length": self.max_length}
         write_json(path / "tokenizer_config.json", {k: v for k, v in config.items() if v is not None})
         (path / FORMERKIT_FILE).unlink(missing_ok=True)  # it would shadow tokenizer.json in load_tokenizer
 
@@ -465,7 +474,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if max_length is None:
         model_max = config.get("model_max_length")
         max_length = model_max if isinstance(model_max, int) and model_max < 1_000_000 else None
-    return HFTokenizer(tokenizer, special_tokens=_special_tokens(config), max_length=max_length)
+    extra = {k: v for k, v in config.items() if k not in _SPECIAL_KEYS and k != "model_max_length"}
+    return HFTokenizer(tokenizer, special_tokens=_special_tokens(config), max_length=max_length, config=extra)
 
 
 def build_tokenizer(kind: str, texts: Callable[[], Iterable[str]] | None = None, vocab_size: int = 8192) -> Tokenizer:

@@ -14,9 +14,11 @@ import torch
 from formerkit.checkpoints.files import read_json, read_weights, write_json, write_safetensors
 from formerkit.checkpoints.hf import state_from_hf, state_to_hf, write_hf_dir
 from formerkit.checkpoints.hf_config import family_of
+from formerkit.checkpoints.special_ids import with_tokenizer_ids
 from formerkit.config import ModelConfig
 from formerkit.errors import CheckpointError, ConfigError, InputError
 from formerkit.model import Transformer
+from formerkit.tokenizers import Tokenizer
 
 NATIVE_CONFIG = "formerkit_config.json"
 _ST_POOLING = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
@@ -130,12 +132,15 @@ def from_pretrained(
     return model.eval()
 
 
-def save_pretrained(model: Transformer, path: str | Path, format: Literal["native", "hf"] = "native") -> Path:
-    """Write ``model`` to a directory: formerkit's native format or a Hugging Face layout.
+def save_pretrained(model: Transformer, path: str | Path, format: Literal["native", "hf"] = "native", *,
+                    tokenizer: Tokenizer | None = None) -> Path:
+    """Write ``model`` (and ``tokenizer``, if given) to a directory: native formerkit format or Hugging Face layout.
 
     Each file is written to a temporary name and renamed into place, so an interrupted save
     never leaves a half-written file. ``format="hf"`` raises ConfigError for configs that
-    have no Hugging Face equivalent. Returns the directory path.
+    have no Hugging Face equivalent; its config.json records special token ids inside the
+    vocabulary only: the tokenizer's bos/eos/pad when one is given, else the family's defaults
+    where the vocabulary holds them. Returns the directory path.
     """
     directory = Path(path)
     if any(type(m).__name__ == "Int8Linear" for m in model.modules()):
@@ -147,7 +152,11 @@ def save_pretrained(model: Transformer, path: str | Path, format: Literal["nativ
         write_json(directory / NATIVE_CONFIG, model.config.to_dict())
     elif format == "hf":
         hf_config, hf_state = state_to_hf(model.config, state, tied)
+        if tokenizer is not None:
+            hf_config = with_tokenizer_ids(hf_config, model.config, tokenizer)
         write_hf_dir(directory, hf_config, hf_state)
     else:
         raise InputError(f'format must be "native" or "hf", got {format!r}')
+    if tokenizer is not None:
+        tokenizer.save(directory)
     return directory

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from formerkit.checkpoints.special_ids import default_ids
 from formerkit.config import ModelConfig
 from formerkit.errors import ConfigError
 
@@ -233,6 +234,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     common: dict[str, Any] = {
         "model_type": family, "architectures": [architecture_name(family, cfg.head)],
         "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32",
+        **default_ids(family, cfg.vocab_size),  # written out: transformers' defaults may lie outside the vocabulary
     }
     if cfg.head == "classifier":
         common["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
