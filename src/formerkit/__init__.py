@@ -3,7 +3,15 @@
 from formerkit.checkpoints import from_pretrained, save_pretrained
 from formerkit.config import ModelConfig
 from formerkit.embed import embed
-from formerkit.errors import CheckpointError, ConfigError, DataError, FormerkitError, InputError, TrainingError
+from formerkit.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    FormerkitError,
+    FormerkitWarning,
+    InputError,
+    TrainingError,
+)
 from formerkit.generate import BeamOutput, SpeculativeOutput, beam_search, generate, generate_text, speculative_generate
 from formerkit.model import ModelOutput, Transformer
 from formerkit.quantize import Int8Linear, load_quantized, quantize_int8, save_quantized
@@ -27,6 +35,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "FormerkitError",
+    "FormerkitWarning",
     "HFTokenizer",
     "InputError",
     "Int8Linear",
