@@ -1,5 +1,8 @@
 """formerkit: the Transformer and its families as one small, tested PyTorch library."""
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from formerkit.checkpoints import from_pretrained, save_pretrained
 from formerkit.config import ModelConfig
 from formerkit.embed import embed
@@ -25,7 +28,10 @@ from formerkit.tokenizers import (
     train_bpe,
 )
 
-__version__ = "0.1.0"
+try:
+    __version__ = _version("formerkit")  # the installed distribution's, so it cannot drift from pyproject.toml
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BeamOutput",
