@@ -60,6 +60,9 @@ def test_unknown_prompt_characters_of_a_char_tokenizer_are_named():
     with pytest.warns(fk.FormerkitWarning, match="prompt characters unknown to the char tokenizer become <unk>: "
                                                  "'é', '€'"):
         fk.generate_text(model, tokenizer, "ab€é", max_new_tokens=2)
+    with pytest.warns(fk.FormerkitWarning) as record:  # a batch: one warning naming all of them
+        fk.generate_text(model, tokenizer, ["aé", "b€", "c"], max_new_tokens=2)
+    assert [str(w.message).split(": ", 1)[1] for w in record] == ["'é', '€' (its training text had none of them)"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fk.generate_text(model, tokenizer, "ab d", max_new_tokens=2)

@@ -13,16 +13,7 @@ TRUNCATE_SIDES = ("left", "right")
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """Token ids of a prompt without special tokens; an empty prompt starts from the EOS id.
-
-    Characters a char tokenizer does not know become ``<unk>``; a FormerkitWarning names them.
-    """
-    if isinstance(tokenizer, CharTokenizer):
-        unknown = tokenizer.unknown_chars(prompt)
-        if unknown:
-            warnings.warn(f"prompt characters unknown to the char tokenizer become <unk>: "
-                          f"{', '.join(map(repr, unknown))} (the training text had none of them)",
-                          FormerkitWarning, stacklevel=3)
+    """Token ids of a prompt without special tokens; an empty prompt starts from the EOS id."""
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     if ids:
         return ids
@@ -54,10 +45,17 @@ def fit_prompts(tokenizer: Tokenizer, prompts: Sequence[str], cfg: ModelConfig, 
 
     truncate None keeps every prompt whole; "left" keeps the last tokens of a prompt longer than
     ``prompt_room``, dropping its start; "right" keeps the first. A cut prompt is shown as its kept
-    tokens decoded; the others as given.
+    tokens decoded; the others as given. Characters a char tokenizer does not know become
+    ``<unk>``; one FormerkitWarning per call names them all.
     """
     if truncate is not None and truncate not in TRUNCATE_SIDES:
         raise InputError(f'truncate must be "left", "right" or None, got {truncate!r}')
+    if isinstance(tokenizer, CharTokenizer):
+        unknown = tokenizer.unknown_chars("".join(prompts))
+        if unknown:
+            warnings.warn(f"prompt characters unknown to the char tokenizer become <unk>: "
+                          f"{', '.join(map(repr, unknown))} (its training text had none of them)",
+                          FormerkitWarning, stacklevel=3)
     rows = [prompt_ids(tokenizer, p) for p in prompts]
     if truncate is None:
         return rows, list(prompts)
