@@ -97,6 +97,8 @@ def test_a_section_must_be_a_mapping(tmp_path):
     with pytest.raises(fk.ConfigError, match='section "model" must be a mapping of options'):
         load_yaml(tmp_path, "model: gpt2\n")
     assert load_yaml(tmp_path, "log:\n", "--log.every", "5").log.every == 5  # an empty section takes overrides
+    with pytest.raises(fk.ConfigError, match='section "model" must be a mapping of options'):
+        TrainConfig(model="gpt2")
 
 
 # ---- the model section: one rule -------------------------------------------------------------------------
@@ -125,7 +127,7 @@ def test_init_from_gets_no_default_sizes(tmp_path):
     assert load_yaml(tmp_path, "model:\n  init_from: some/dir\n  resid_dropout: 0.2\n").model == {
         "init_from": "some/dir", "resid_dropout": 0.2}
     assert TrainConfig.load(None, ["--model.init_from", "some/dir"]).model == {"init_from": "some/dir"}
-    assert load_yaml(tmp_path, "train:\n  steps: 10\n", "--model.init_from", "x").model == {"init_from": "x"}
+    assert load_yaml(tmp_path, "train:\n  steps: 200\n", "--model.init_from", "x").model == {"init_from": "x"}
 
 
 def test_train_help_states_the_rules(capsys):

@@ -359,7 +359,7 @@ def _check_types(cfg: TrainConfig) -> None:
     for name in SECTIONS:
         check_fields(getattr(cfg, name), f"{name}.")
     if not isinstance(cfg.model, dict):
-        raise ConfigError(f"the model section must be a mapping of options, got {cfg.model!r}")
+        raise ConfigError(f'section "model" must be a mapping of options (key: value), got {cfg.model!r}')
     known = {f.name for f in fields(ModelConfig)} | {"preset", "init_from"}
     types = _model_types()
     for key, value in cfg.model.items():
