@@ -1,9 +1,20 @@
 """formerkit: the Transformer and its families as one small, tested PyTorch library."""
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from formerkit.checkpoints import from_pretrained, save_pretrained
 from formerkit.config import ModelConfig
 from formerkit.embed import embed
-from formerkit.errors import CheckpointError, ConfigError, DataError, FormerkitError, InputError, TrainingError
+from formerkit.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    FormerkitError,
+    FormerkitWarning,
+    InputError,
+    TrainingError,
+)
 from formerkit.generate import BeamOutput, SpeculativeOutput, beam_search, generate, generate_text, speculative_generate
 from formerkit.model import ModelOutput, Transformer
 from formerkit.quantize import Int8Linear, load_quantized, quantize_int8, save_quantized
@@ -17,7 +28,10 @@ from formerkit.tokenizers import (
     train_bpe,
 )
 
-__version__ = "0.1.0"
+try:
+    __version__ = _version("formerkit")  # the installed distribution's, so it cannot drift from pyproject.toml
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BeamOutput",
@@ -27,6 +41,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "FormerkitError",
+    "FormerkitWarning",
     "HFTokenizer",
     "InputError",
     "Int8Linear",

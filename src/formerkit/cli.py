@@ -6,10 +6,12 @@ import argparse
 import json
 import signal
 import sys
+from pathlib import Path
 
 import torch
 
 import formerkit as fk
+from formerkit.cliargs import console_warnings, non_negative_int, positive_int, use_help_formatter
 from formerkit.errors import FormerkitError, InputError
 from formerkit.presets import PRESETS
 
@@ -177,13 +179,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
         text = fk.generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_k=args.top_k or None, seed=seed)
+                                temperature=args.temperature, top_k=args.top_k or None, seed=seed,
+                                truncate=args.truncate)
         print(text if args.num_samples == 1 else f"--- sample {i + 1} ---\n{text}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``formerkit`` command."""
     parser = argparse.ArgumentParser(prog="formerkit", description="Build, load, convert and use Transformers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {fk.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("presets", help="list the named model presets")
@@ -194,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", help="a preset name (see `formerkit presets`)")
     source.add_argument("--checkpoint", help="a native or Hugging Face checkpoint directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field of the preset, e.g. --set n_layers=4 (repeatable)")
+                   help="override a config field of the preset, e.g. --set n_layers=4 (repeatable; default: none)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("embed", help="embed sentences and print their similarities")
@@ -215,18 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model. Options come from --config FILE (YAML sections) and then "
                                    "--section.key value overrides; the resolved config is saved in the run directory.",
                        epilog=options_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file with sections model, data, train, optim, eval, checkpoint, log")
+    p.add_argument("--config", help="YAML file with sections model, data, train, optim, eval, checkpoint, log "
+                                    "(default: none; the defaults below and --section.key options)")
     p.set_defaults(func=cmd_train, takes_overrides=True)
 
     p = sub.add_parser("sample", help="sample a few continuations from a causal LM checkpoint (a quick look; "
                                       "`formerkit generate` has every decoding option)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory or training run directory")
     p.add_argument("--prompt", default="", help="text to continue (default: start from end-of-text)")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to sample")
+    p.add_argument("--max-new-tokens", type=positive_int, default=100, help="tokens to sample")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--num-samples", type=int, default=1, help="how many samples")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    p.add_argument("--top-k", type=non_negative_int, default=50, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="how many samples")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed for reproducible samples; sample i uses seed + i (default: a fresh random draw)")
+    p.add_argument("--truncate", choices=["left", "right"], default=None,
+                   help="cut a prompt too long for the model's context to fit with --max-new-tokens: left drops its "
+                        "start, right its end (default: a too-long prompt is an error)")
     p.set_defaults(func=cmd_sample)
 
     from formerkit.generate.command import add_generate_command
@@ -239,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tour", help="build every preset, then embed sentences with the real MiniLM checkpoint")
     p.set_defaults(func=cmd_tour)
+    use_help_formatter(sub)
     return parser
 
 
@@ -250,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.overrides = rest
     try:
-        return args.func(args) or 0
+        with console_warnings():
+            return args.func(args) or 0
     except FormerkitError as err:
         print(f"formerkit: error: {err}", file=sys.stderr)
         return 2

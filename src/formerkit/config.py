@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from formerkit.errors import ConfigError, did_you_mean
+from formerkit.fieldtypes import check_fields
 
 Kind = Literal["decoder", "encoder", "encoder-decoder"]
 Position = Literal["learned", "sinusoidal", "rope", "alibi", "relative", "none"]
@@ -210,6 +211,7 @@ def _choice(cfg: ModelConfig, name: str, literal: Any) -> None:
 
 
 def _validate(cfg: ModelConfig) -> None:
+    check_fields(cfg, only=(bool,))  # the sizes and numbers get their own checks, with their ranges, below
     for name, literal in [
         ("kind", Kind), ("position", Position), ("norm", Norm),
         ("norm_placement", NormPlacement), ("activation", Activation), ("head", Head),

@@ -34,6 +34,10 @@ class TrainingError(FormerkitError, RuntimeError):
     """Training cannot go on: a non-finite loss, or a run directory that does not match."""
 
 
+class FormerkitWarning(UserWarning):
+    """A setting or input that works but is probably not what was meant; the message says what happens instead."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean "x"?)' for the closest choice to ``name``, or '' if none is close."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)

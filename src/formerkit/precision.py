@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from formerkit.errors import ConfigError, did_you_mean
+from formerkit.errors import ConfigError, FormerkitWarning, did_you_mean
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -165,7 +165,8 @@ def measure(probe: Callable[[str, int], None], names: list[str], rows: int, devi
         except (RuntimeError, NotImplementedError) as err:
             if name == "fp32":
                 raise
-            warnings.warn(f"precision probe: {name} failed on {device} ({err}); not considered", stacklevel=3)
+            warnings.warn(f"precision probe: {name} failed on {device} ({err}); not considered", FormerkitWarning,
+                          stacklevel=3)
     best: dict[str, float] = {}
     measured = 0
     while True:
@@ -203,7 +204,7 @@ def resolve_precision(requested: str, device: torch.device | str, *, d_model: in
         probe = probe_cls(d_model, d_ff, device)
         measured, seconds = measure(probe, names, rows, device, budget_s)
     except (RuntimeError, NotImplementedError) as err:
-        warnings.warn(f"the precision probe failed on {device} ({err}); using fp32", stacklevel=2)
+        warnings.warn(f"the precision probe failed on {device} ({err}); using fp32", FormerkitWarning, stacklevel=2)
         return PrecisionChoice("fp32", "auto", str(device), note=f"; the probe failed: {err}")
     return choose(seconds, str(device), measured, probe_cls.workload, previous)
 

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import operator
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -21,11 +22,12 @@ import torch
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from formerkit.errors import CheckpointError, ConfigError, DataError, InputError, did_you_mean
+from formerkit.errors import CheckpointError, ConfigError, DataError, FormerkitWarning, InputError, did_you_mean
 
 _SPECIAL_KEYS = ("pad_token", "bos_token", "eos_token", "unk_token", "cls_token", "sep_token", "mask_token")
 FORMERKIT_FILE = "formerkit_tokenizer.json"  # byte and char tokenizers save this; HF ones save tokenizer.json
 KINDS = ("byte", "char", "bpe")
+_SHORT_VOCAB = 0.9  # a learned BPE vocabulary below this share of the size asked is worth a warning
 
 
 @runtime_checkable
@@ -334,6 +336,7 @@ class CharTokenizer(_TableTokenizer):
                                "unk_token": "<unk>"}
         self._specials = {0: "<pad>", 1: "<eos>", 2: "<mask>", 3: "<unk>"}
         self._codepoints = np.array([ord(c) for c in self.chars], dtype=np.int64)  # sorted, as the chars are
+        self._known = frozenset(self.chars)
 
     @classmethod
     def from_texts(cls, texts: Iterable[str]) -> CharTokenizer:
@@ -349,6 +352,10 @@ class CharTokenizer(_TableTokenizer):
     def vocab_size(self) -> int:
         """Number of characters plus the four special tokens."""
         return len(self.chars) + 4
+
+    def unknown_chars(self, text: str) -> list[str]:
+        """The distinct characters of ``text`` that are not in the table (they encode to ``<unk>``), sorted."""
+        return sorted(set(text) - self._known)
 
     def _ids(self, text: str) -> list[int]:
         points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64)  # (N,)
@@ -381,7 +388,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, max_chars: int | None = 
 
     ``decode(encode(x)) == x`` for any text (unless it spells a special token). Special tokens:
     ``<|endoftext|>`` (eos), ``<pad>``, ``<mask>``. The trainer sees at most ``max_chars``
-    characters. The same input gives the same tokenizer.
+    characters. The same input gives the same tokenizer. A text too small to learn 90% of
+    ``vocab_size`` tokens gives a smaller vocabulary, with a FormerkitWarning saying its size.
     """
     minimum = 256 + 3
     if not isinstance(vocab_size, int) or vocab_size < minimum:
@@ -398,6 +406,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, max_chars: int | None = 
     if first is None:
         raise DataError("cannot train a BPE tokenizer: the texts are empty")
     tok.train_from_iterator(itertools.chain([first], fed), trainer=trainer)
+    learned = tok.get_vocab_size(with_added_tokens=True)
+    if learned < _SHORT_VOCAB * vocab_size:
+        warnings.warn(f"the BPE tokenizer learned {learned} tokens, far fewer than the {vocab_size} asked "
+                      f"(--data.vocab_size, or vocab_size= in Python): the training text is too small for more "
+                      f"merges, so the vocabulary size is {learned}", FormerkitWarning, stacklevel=2)
     return HFTokenizer(tok, special_tokens=specials)
 
 

@@ -51,7 +51,8 @@ def load_labeled_jsonl(path: str | Path, *, text_field: str = "text", label_fiel
         for field in (text_field, label_field):
             if field not in record:
                 raise DataError(f'{where}: no "{field}" field (fields here: {", ".join(sorted(record)) or "none"}); '
-                                "name the fields with text_field= / label_field=")
+                                "name the fields with --data.text_field / --data.label_field, or text_field= / "
+                                "label_field= in Python")
         text, label = record[text_field], record[label_field]
         if not isinstance(text, str):
             raise DataError(f'{where}: "{text_field}" must be a string, got {type(text).__name__}')

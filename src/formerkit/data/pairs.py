@@ -82,7 +82,7 @@ def _read_jsonl_pairs(path: Path, source_field: str, target_field: str) -> Paral
         for side, key in (("source", source_field), ("target", target_field)):
             if key not in record:
                 raise DataError(f'{where}: no "{key}" key (keys here: {", ".join(sorted(record)) or "none"}); '
-                                f"add it, or name the {side} key with --data.{side}_field")
+                                f"add it, or name the {side} key with --data.{side}_field ({side}_field= in Python)")
             value = record[key]
             if not isinstance(value, str):
                 raise DataError(f'{where}: "{key}" must be a string, got {type(value).__name__}')

@@ -111,8 +111,9 @@ class TextSource:
         path, field, any_text = self.files[0], self.text_field, False
         for number, record in read_jsonl(path):
             if field not in record:
-                raise DataError(f'{path}, line {number}: no "{field}" field; pass text_field= to name the field '
-                                f"holding the text (fields here: {', '.join(sorted(record)) or 'none'})")
+                raise DataError(f'{path}, line {number}: no "{field}" field; name the field holding the text with '
+                                f"--data.text_field, or text_field= in Python (fields here: "
+                                f"{', '.join(sorted(record)) or 'none'})")
             text = record[field]
             if not isinstance(text, str):
                 raise DataError(f'{path}, line {number}: "{field}" must be a string, got {type(text).__name__}')

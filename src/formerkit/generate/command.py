@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from formerkit.checkpoints import from_pretrained
+from formerkit.cliargs import positive_int
 from formerkit.generate.stream import generate_text
 from formerkit.generate.translate import beam_texts
 from formerkit.tokenizers import load_tokenizer
@@ -17,13 +18,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.checkpoint)
     prompts = args.prompt or [""]
     if args.num_beams > 1:  # beam search: the best hypothesis of each prompt, printed when done
-        texts = beam_texts(model, tokenizer, prompts, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+        texts = beam_texts(model, tokenizer, prompts, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                           truncate=args.truncate)
         for i, text in enumerate(texts):
             print(text if len(texts) == 1 else f"--- {i + 1} ---\n{text}")
         return
     options = dict(max_new_tokens=args.max_new_tokens, stop_strings=args.stop, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                   repetition_penalty=args.repetition_penalty, seed=args.seed)
+                   repetition_penalty=args.repetition_penalty, seed=args.seed, truncate=args.truncate)
     if len(prompts) == 1 and not args.no_stream:
         for piece in generate_text(model, tokenizer, prompts[0], stream=True, **options):
             sys.stdout.write(piece)
@@ -42,18 +44,25 @@ def add_generate_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--checkpoint", required=True, help="checkpoint directory or training run directory")
     p.add_argument("--prompt", action="append", metavar="TEXT",
                    help="text to continue; repeat for a batch (default: start from end-of-text)")
-    p.add_argument("--max-new-tokens", type=int, default=100, help="most tokens to generate per prompt")
+    p.add_argument("--max-new-tokens", type=positive_int, default=100, help="most tokens to generate per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set holding this probability")
+    p.add_argument("--top-k", type=positive_int, default=None,
+                   help="sample among the k most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample from the smallest set holding this probability (default: off)")
     p.add_argument("--min-p", type=float, default=None,
-                   help="drop tokens less likely than this fraction of the most likely one")
+                   help="drop tokens less likely than this fraction of the most likely one (default: off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="divide the logits of tokens already present by this (1: none)")
-    p.add_argument("--stop", action="append", metavar="STR", help="stop a text once it contains STR (repeatable)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument("--stop", action="append", metavar="STR",
+                   help="stop a text once it contains STR (repeatable; default: none)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed for reproducible sampling (default: a fresh random draw)")
+    p.add_argument("--truncate", choices=["left", "right"], default=None,
+                   help="cut a prompt too long for the model's context to fit with --max-new-tokens: left drops its "
+                        "start, right its end (default: a too-long prompt is an error)")
     p.add_argument("--no-stream", action="store_true", help="print a single prompt's text only when it is done")
-    p.add_argument("--num-beams", type=int, default=1,
+    p.add_argument("--num-beams", type=positive_int, default=1,
                    help="beam search with this many beams (> 1; e.g. to translate with an encoder-decoder run); "
                         "the sampling options and --stop do not apply")
     p.set_defaults(func=cmd_generate)

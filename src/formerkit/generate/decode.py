@@ -182,20 +182,36 @@ def _check_left_padding(mask: torch.Tensor) -> None:
 
 def _check_length(cfg: ModelConfig, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
                   encoder_decoder: bool) -> None:
-    """With learned positions, the longest sequence must fit in max_seq_len; other schemes have no limit."""
+    """With learned positions, the longest sequence must fit in max_seq_len; other schemes have no limit.
+
+    The InputError says by how much it is too long and what fits: a shorter prompt (or
+    ``truncate``), or fewer new tokens.
+    """
     if cfg.position != "learned":
         return
+    limit, cut = cfg.max_seq_len, "truncate='left' or 'right' in generate_text, --truncate on the command line"
     if encoder_decoder:
-        if ids.shape[1] > cfg.max_seq_len:
+        if ids.shape[1] > limit:
             raise InputError(f"the source has {ids.shape[1]} tokens, but this model's learned positions stop at "
-                             f"max_seq_len={cfg.max_seq_len}; shorten the source")
-        prompt, what = 1, "the decoder start token"
-    else:
-        prompt, what = int(mask.sum(-1).max()), "the longest prompt"
-    if prompt + max_new_tokens > cfg.max_seq_len:
-        raise InputError(f"{what} ({prompt} tokens) + max_new_tokens={max_new_tokens} = {prompt + max_new_tokens} "
-                         f"exceeds this model's max_seq_len={cfg.max_seq_len} (learned positions); shorten the "
-                         f"prompt or lower max_new_tokens to {max(cfg.max_seq_len - prompt, 0)}")
+                             f"max_seq_len={limit}; shorten the source by {ids.shape[1] - limit} tokens ({cut})")
+        if 1 + max_new_tokens > limit:
+            raise InputError(f"the decoder start token + max_new_tokens={max_new_tokens} = {1 + max_new_tokens} "
+                             f"exceeds this model's max_seq_len={limit} (learned positions); lower max_new_tokens "
+                             f"to {limit - 1}")
+        return
+    prompt = int(mask.sum(-1).max())
+    total = prompt + max_new_tokens
+    if total <= limit:
+        return
+    room = limit - max_new_tokens  # prompt tokens that fit beside max_new_tokens
+    advice = [f"shorten the prompt by {total - limit} tokens, to {room} ({cut})"] if room >= 1 else []
+    if prompt < limit:
+        advice.append(f"lower max_new_tokens to {limit - prompt}")
+    if not advice:
+        advice.append(f"lower max_new_tokens below {limit} and shorten the prompt to fit beside it ({cut})")
+    raise InputError(f"the longest prompt ({prompt} tokens) + max_new_tokens={max_new_tokens} = {total} exceeds "
+                     f"this model's max_seq_len={limit} (learned positions) by {total - limit}; "
+                     + ", or ".join(advice))
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from torch import nn
 
 from formerkit.errors import InputError
 from formerkit.generate.decode import decode_loop, make_plan
+from formerkit.generate.prompts import fit_prompts
 from formerkit.tokenizers import Tokenizer
 
 _CONTEXT = 8  # prompt tokens decoded before the continuation, so tokenizers that treat a text's start specially agree
@@ -52,17 +53,6 @@ class _RowText:
         return piece
 
 
-def _prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """Token ids of a prompt without special tokens; an empty prompt starts from the EOS id."""
-    ids = tokenizer.encode(prompt, add_special_tokens=False)
-    if ids:
-        return ids
-    if tokenizer.eos_id is None:
-        raise InputError("the prompt is empty and the tokenizer has no end-of-text token to start from; "
-                         "give a non-empty prompt")
-    return [tokenizer.eos_id]
-
-
 def _stop_strings(stop_strings: str | Sequence[str] | None) -> list[str]:
     if stop_strings is None:
         return []
@@ -87,7 +77,7 @@ def _pieces(prompt: str, row: _RowText, steps: Iterator) -> Iterator[str]:
 
 def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt_or_prompts: str | Sequence[str], *,
                   max_new_tokens: int = 50, stop_strings: str | Sequence[str] | None = None, stream: bool = False,
-                  **sampling) -> str | list[str] | Iterator[str]:
+                  truncate: str | None = None, **sampling) -> str | list[str] | Iterator[str]:
     """Continue a prompt (or a batch of prompts) and return prompt + continuation as text.
 
     Prompts are encoded with ``add_special_tokens=False``; an empty one starts from the
@@ -98,6 +88,12 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt_or_prompts: str
     stop, seed, ...). Returns a str for a str prompt, a list for a list; for encoder-decoder
     models, the generated target text only. With ``stream=True`` (one str prompt) returns an
     iterator of text pieces, the prompt first, that join to the non-streamed result.
+
+    ``truncate`` ("left" or "right") cuts a prompt longer than ``max_seq_len - max_new_tokens``
+    tokens (an encoder-decoder's source: ``max_seq_len``) to that length: "left" drops its start,
+    "right" its end; a cut prompt is shown as its kept tokens decoded. ``None`` (default) leaves
+    prompts whole, and a prompt too long for learned positions is an InputError. Prompt characters
+    a char tokenizer does not know become ``<unk>``, with a FormerkitWarning naming them.
     """
     single = isinstance(prompt_or_prompts, str)
     prompts = [prompt_or_prompts] if single else prompt_or_prompts
@@ -106,7 +102,7 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt_or_prompts: str
     if stream and not single:
         raise InputError("stream=True takes a single prompt string; generate a list of prompts without streaming")
     encoder_decoder = model.config.kind == "encoder-decoder"
-    ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    ids, shown = fit_prompts(tokenizer, prompts, model.config, max_new_tokens, truncate)
     sampling.setdefault("eos_token_id", tokenizer.eos_id)
     sampling.setdefault("pad_token_id", tokenizer.pad_id)
     plan = make_plan(model, ids, max_new_tokens=max_new_tokens, **sampling)
@@ -120,7 +116,8 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt_or_prompts: str
         return torch.tensor(stopped, device=tokens.device)  # (B,)
 
     steps = decode_loop(model, plan, check)
-    shown = [""] * len(prompts) if encoder_decoder else list(prompts)
+    if encoder_decoder:
+        shown = [""] * len(prompts)
     if stream:
         return _pieces(shown[0], rows[0], steps)
     for _ in steps:

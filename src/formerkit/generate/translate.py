@@ -8,7 +8,7 @@ import torch
 
 from formerkit.errors import InputError
 from formerkit.generate.beam import beam_search
-from formerkit.generate.stream import _prompt_ids
+from formerkit.generate.prompts import fit_prompts
 from formerkit.model import Transformer
 from formerkit.tokenizers import Tokenizer
 
@@ -33,7 +33,7 @@ def _text(tokenizer: Tokenizer, new_ids: list[int], eos: int | None) -> str:
 
 def beam_texts(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str], *, num_beams: int = 4,
                max_new_tokens: int = 50, length_penalty: float = 1.0, early_stopping: bool | str = False,
-               batch_size: int = 64) -> list[str]:
+               batch_size: int = 64, truncate: str | None = None) -> list[str]:
     """The best beam-search hypothesis of each prompt, as text; one str per prompt, in order.
 
     Encoder-decoder models: each prompt is a source, decoded from the config's
@@ -45,14 +45,15 @@ def beam_texts(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str],
     mode; its training flag is restored afterwards. ``early_stopping`` is ``beam_search``'s: the
     default False keeps searching while a running beam can still beat the finished ones, which
     matters for label-smoothed models, whose early EOS candidates would otherwise fill the
-    finished list before the best hypothesis ends.
+    finished list before the best hypothesis ends. ``truncate`` ("left", "right" or None) cuts
+    prompts too long for the context as ``generate_text`` does.
     """
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise InputError("beam_texts takes a non-empty list of prompt strings")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     encoder_decoder = model.config.kind == "encoder-decoder"
-    rows = [_prompt_ids(tokenizer, p) for p in prompts]
+    rows, shown = fit_prompts(tokenizer, prompts, model.config, max_new_tokens, truncate)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_id, tokenizer.pad_id
@@ -71,7 +72,7 @@ def beam_texts(model: Transformer, tokenizer: Tokenizer, prompts: Sequence[str],
             skip = 1 if encoder_decoder else ids.shape[1]  # the decoder start token, or the padded prompt
             for i, seq in zip(chunk, result.sequences[:, skip:].tolist(), strict=True):
                 text = _text(tokenizer, seq, eos)
-                out[i] = text if encoder_decoder else prompts[i] + text
+                out[i] = text if encoder_decoder else shown[i] + text
     finally:
         if was_training:
             model.train()

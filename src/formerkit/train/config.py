@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ from typing import Any
 import yaml
 
 from formerkit.config import ModelConfig
-from formerkit.errors import ConfigError, did_you_mean
+from formerkit.errors import ConfigError, FormerkitWarning, did_you_mean
+from formerkit.fieldtypes import check_fields, describe, field_types, is_valid
 from formerkit.precision import PRECISIONS
 
 
@@ -148,6 +150,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
+        _warn(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -155,21 +158,30 @@ class TrainConfig:
         kwargs: dict[str, Any] = {}
         for name, content in values.items():
             if name == "model":
-                kwargs["model"] = dict(content or {})
+                if content is not None and not isinstance(content, dict):
+                    raise ConfigError(f'section "model" must be a mapping of options (key: value), got {content!r}')
+                kwargs["model"] = _coerce("model", _model_types(), dict(content or {}))
                 continue
             if name not in SECTIONS:
                 raise ConfigError(f'unknown config section "{name}"{did_you_mean(name, [*SECTIONS, "model"])}')
+            if content is not None and not isinstance(content, dict):
+                raise ConfigError(f'section "{name}" must be a mapping of options (key: value), got {content!r}')
             section = SECTIONS[name]
             known = {f.name for f in fields(section)}
             for key in content or {}:
                 if key not in known:
                     raise ConfigError(f'unknown option "{name}.{key}"{did_you_mean(key, known)}')
-            kwargs[name] = section(**_coerce(name, section, content or {}))
+            kwargs[name] = section(**_coerce(name, field_types(section), content or {}))
         return cls(**kwargs)
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-        """Read a YAML (or JSON) file, then apply ``--section.key value`` overrides."""
+        """Read a YAML (or JSON) file, then apply ``--section.key value`` overrides.
+
+        The model options of the file and the command line together start from the default model
+        (``_DEFAULT_MODEL``: a small GPT without dropout) unless they name ``preset`` or ``init_from``,
+        which bring all their own values.
+        """
         values: dict[str, Any] = {}
         if path is not None:
             path = Path(path)
@@ -182,19 +194,20 @@ class TrainConfig:
             if not isinstance(values, dict):
                 raise ConfigError(f"{path} must hold a mapping of sections")
         parsed = parse_overrides(overrides or [])
-        merged = {"model": dict(_DEFAULT_MODEL), **{k: v for k, v in values.items() if k != "model"}}
-        if "model" in values:
-            merged["model"] = dict(values["model"] or {})
-            if "init_from" not in merged["model"]:
-                merged["model"].setdefault("preset", _DEFAULT_MODEL["preset"])
-        elif "model.preset" in parsed or "model.init_from" in parsed:  # these bring their own sizes
-            merged["model"] = {}
+        merged = {k: v for k, v in values.items() if k != "model"}
+        merged["model"] = values.get("model")
         for key, value in parsed.items():
             section, _, name = key.partition(".")
-            merged.setdefault(section, {})
+            if merged.get(section) is None:
+                merged[section] = {}
             if not isinstance(merged[section], dict):
-                raise ConfigError(f'"{section}" must be a section')
+                raise ConfigError(f'section "{section}" must be a mapping of options (key: value), '
+                                  f"got {merged[section]!r}")
             merged[section][name] = value
+        model = merged["model"] or {}
+        if not isinstance(model, dict):
+            raise ConfigError(f'section "model" must be a mapping of options (key: value), got {model!r}')
+        merged["model"] = model if _names_model(model) else {**_DEFAULT_MODEL, **model}
         return cls.from_dict(merged)
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,17 +231,45 @@ class TrainConfig:
         return ModelConfig.from_dict(values)
 
 
-def _coerce(name: str, section: type, values: dict[str, Any]) -> dict[str, Any]:
+def _names_model(model: dict[str, Any]) -> bool:
+    """Whether model options name where the model comes from: a preset or a checkpoint (``init_from``)."""
+    return model.get("preset") is not None or model.get("init_from") is not None
+
+
+def _warn(cfg: TrainConfig) -> None:
+    """Warn about settings that are valid but almost certainly not what was meant."""
+    o, steps = cfg.optim, cfg.train.steps
+    if o.warmup_steps >= steps:
+        peak = f"its peak optim.lr={o.lr}"
+        what = f"never reaches {peak}" if o.warmup_steps > steps else f"reaches {peak} only at the last step"
+        warnings.warn(f"optim.warmup_steps={o.warmup_steps} >= train.steps={steps}: the learning rate {what}; set "
+                      f"--optim.warmup_steps below --train.steps, e.g. {max(steps // 10, 1)}", FormerkitWarning,
+                      stacklevel=4)
+
+
+def _coerce(name: str, types: dict[str, tuple[type, bool]], values: dict[str, Any]) -> dict[str, Any]:
     """Read numbers YAML left as strings (YAML 1.1 reads ``3e-4`` as text) for the float fields."""
     out = dict(values)
-    for f in fields(section):
-        value = out.get(f.name)
-        if isinstance(value, str) and "float" in str(f.type):
+    for key, value in values.items():
+        if isinstance(value, str) and types.get(key, (None,))[0] is float:
             try:
-                out[f.name] = float(value)
+                out[key] = float(value)
             except ValueError as err:
-                raise ConfigError(f"{name}.{f.name} must be a number, got {value!r}") from err
+                raise ConfigError(f"{name}.{key} must be {describe(*types[key])}, got {value!r}") from err
     return out
+
+
+def _model_types() -> dict[str, tuple[type, bool]]:
+    """The plain-typed options of the model section: ModelConfig's fields, plus ``preset`` and ``init_from``."""
+    return {**field_types(ModelConfig), "preset": (str, True), "init_from": (str, True)}
+
+
+def _option_type(key: str) -> tuple[type, bool] | None:
+    """(type, optional) of option ``section.key`` when it is a bool, int, float or str option, else None."""
+    section, _, name = key.partition(".")
+    if section == "model":
+        return _model_types().get(name)
+    return field_types(SECTIONS[section]).get(name) if section in SECTIONS else None
 
 
 def _scalar(text: str) -> Any:
@@ -247,7 +288,9 @@ def _scalar(text: str) -> Any:
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """Turn ``["--train.steps", "100", "--log.progress=false"]`` into {"train.steps": 100, ...}.
 
-    Values are numbers when they parse as numbers, else YAML scalars (true/false, null, lists) or strings.
+    A string option keeps its text as given (``--checkpoint.run_dir 2024`` is the directory "2024"; an
+    empty value or ``null`` resets an optional one to None). Other values are numbers when they parse as
+    numbers, else YAML scalars (true/false, null, lists) or strings; their types are checked later.
     """
     out: dict[str, Any] = {}
     i = 0
@@ -262,11 +305,14 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             value = args[i + 1]
             i += 1
         i += 1
-        out[key] = _scalar(value)
+        kind = _option_type(key)
+        scalar = _scalar(value)
+        out[key] = value if kind is not None and kind[0] is str and not (kind[1] and scalar is None) else scalar
     return out
 
 
 def _validate(cfg: TrainConfig) -> None:
+    _check_types(cfg)
     t, o = cfg.train, cfg.optim
     choices = {"train.objective": (t.objective, ("causal", "mlm", "classify", "seq2seq", "image-classify")),
                "train.precision": (t.precision, PRECISIONS),
@@ -283,8 +329,8 @@ def _validate(cfg: TrainConfig) -> None:
                         ("log.every", cfg.log.every), ("data.vocab_size", cfg.data.vocab_size),
                         ("data.synthetic_size", cfg.data.synthetic_size),
                         ("eval.translate_pairs", cfg.eval.translate_pairs), ("eval.num_beams", cfg.eval.num_beams),
-                        ("eval.max_new_tokens", cfg.eval.max_new_tokens)]:
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                        ("eval.max_new_tokens", cfg.eval.max_new_tokens), ("log.sample_tokens", cfg.log.sample_tokens)]:
+        if value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
@@ -301,8 +347,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     if not 0 < cfg.data.test_fraction < 1:
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
-    for name, value in [("data.augment_shift", cfg.data.augment_shift), ("train.threads", t.threads)]:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    for name, value in [("data.augment_shift", cfg.data.augment_shift), ("train.threads", t.threads),
+                        ("log.samples", cfg.log.samples)]:
+        if value < 0:
             raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
     if not 0 < t.mlm_probability < 1:
         raise ConfigError(f"train.mlm_probability must be in (0, 1), got {t.mlm_probability}")
@@ -312,18 +359,35 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     if o.schedule == "inverse_sqrt" and o.warmup_steps < 1:
         raise ConfigError("optim.schedule=inverse_sqrt needs optim.warmup_steps >= 1 (the peak comes at its end)")
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Every option of a bool, int, float or str type holds such a value; model options are known ModelConfig fields."""
+    for name in SECTIONS:
+        check_fields(getattr(cfg, name), f"{name}.")
+    if not isinstance(cfg.model, dict):
+        raise ConfigError(f'section "model" must be a mapping of options (key: value), got {cfg.model!r}')
     known = {f.name for f in fields(ModelConfig)} | {"preset", "init_from"}
-    for key in cfg.model:
+    types = _model_types()
+    for key, value in cfg.model.items():
         if key not in known:
             raise ConfigError(f'unknown option "model.{key}"{did_you_mean(key, known)}')
+        if key in types and not is_valid(value, *types[key]):
+            raise ConfigError(f"model.{key} must be {describe(*types[key])}, got {value!r}")
 
 
 def options_help() -> str:
     """One line per option, ``--section.key (default): help``, for ``formerkit train --help``."""
-    lines = ["model options: --model.preset NAME (default gpt2) and any ModelConfig field, e.g. --model.n_layers 4;",
+    lines = ["model options: --model.preset NAME and any ModelConfig field, e.g. --model.n_layers 4;",
              "  --model.init_from PATH starts from pretrained weights (a Hugging Face dir, a native dir or a run dir) "
              "with their architecture and tokenizer;",
-             f"  defaults without a config file's model section or --model.preset: {json.dumps(_DEFAULT_MODEL)}"]
+             "  unless the config file or the command line names model.preset or model.init_from, the model options "
+             f"start from the default model {json.dumps(_DEFAULT_MODEL)};",
+             "  a named preset brings all its own values instead (gpt2's include dropout 0.1), which model options "
+             "then override",
+             "values: a boolean option takes true or false (YAML's spellings: also True/FALSE, yes/no, on/off; not "
+             "1/0); an integer option an integer; a number option any number; a text option takes its text as given "
+             "(in a YAML file, quote a text that looks like a number)"]
     for name, section in SECTIONS.items():
         lines.append(f"{name} options ({section.__doc__.strip()}):")
         for f in fields(section):

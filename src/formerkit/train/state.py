@@ -24,7 +24,7 @@ import torch
 
 from formerkit.checkpoints import save_pretrained
 from formerkit.checkpoints.files import atomic_write, read_weights
-from formerkit.errors import CheckpointError
+from formerkit.errors import CheckpointError, FormerkitWarning
 from formerkit.model import Transformer
 from formerkit.tokenizers import FORMERKIT_FILE, Tokenizer, load_tokenizer
 
@@ -73,7 +73,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             return named
         if steps:
             warnings.warn(f"{pointer} names {named.name}, which is missing or incomplete; using {steps[0].name}",
-                          stacklevel=2)
+                          FormerkitWarning, stacklevel=2)
     return steps[0] if steps else None
 
 
@@ -156,5 +156,6 @@ def resume_point(run_dir: str | Path, which: str | bool = True) -> Resumed | Non
         except CheckpointError as err:
             if i + 1 == len(candidates):
                 raise CheckpointError(f"no readable checkpoint in {checkpoints_dir(run_dir)}: {err}") from err
-            warnings.warn(f"{err}; falling back to the previous checkpoint, {candidates[i + 1].name}", stacklevel=2)
+            warnings.warn(f"{err}; falling back to the previous checkpoint, {candidates[i + 1].name}",
+                          FormerkitWarning, stacklevel=2)
     return None

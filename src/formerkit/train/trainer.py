@@ -16,7 +16,7 @@ from torch import nn
 from formerkit.checkpoints import load_weights_into
 from formerkit.checkpoints.files import atomic_write
 from formerkit.data import resolve_source
-from formerkit.errors import ConfigError, TrainingError
+from formerkit.errors import ConfigError, FormerkitWarning, TrainingError
 from formerkit.model import Transformer
 from formerkit.precision import DTYPES
 from formerkit.train import parallel
@@ -65,8 +65,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     try:
         with lock:
             if isinstance(lock, RunLock) and lock.took_over:
-                warnings.warn(f"taking over the run directory's lock left by pid {lock.took_over.get('pid')} "
-                              f"(started {lock.took_over.get('started')}), which is no longer running", stacklevel=2)
+                was = lock.took_over
+                warnings.warn(f"taking over the run directory's lock left by pid {was.get('pid')} (started "
+                              f"{was.get('started')}), which is no longer running", FormerkitWarning, stacklevel=2)
             return _run(cfg, info)
     finally:
         torch.set_num_threads(threads)
