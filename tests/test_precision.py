@@ -14,7 +14,7 @@ from formerkit.errors import ConfigError
 
 def fake_measure(seconds: dict[str, float]):
     def measure(probe, names, rows, device, budget_s=P.BUDGET_S):
-        return min(rows, 64), {n: seconds[n] for n in names}
+        return {n: (512, seconds[n]) for n in names}
     return measure
 
 
@@ -31,14 +31,22 @@ def test_auto_takes_the_measured_fastest(monkeypatch, seconds, expected):
     line = choice.describe()
     assert line.startswith(f"precision {expected} (auto: measured on cpu")
     for name, s in seconds.items():  # the numbers behind the choice are in the log line
-        assert f"{name} {s * 1e3:.2f} ms" in line
+        assert f"{name} {s * 1e3:.2f} ms for 512 rows" in line
 
 
 def test_cuda_prefers_bf16_over_a_barely_faster_fp16():
-    choice = P.choose({"fp32": 0.010, "bf16": 0.0042, "fp16": 0.0040}, "cuda:0", 512, "probe")
+    choice = P.choose({"fp32": (512, 0.010), "bf16": (512, 0.0042), "fp16": (512, 0.0040)}, "cuda:0", "probe")
     assert choice.precision == "bf16"
-    choice = P.choose({"fp32": 0.010, "bf16": 0.0080, "fp16": 0.0040}, "cuda:0", 512, "probe")
+    choice = P.choose({"fp32": (512, 0.010), "bf16": (512, 0.0080), "fp16": (512, 0.0040)}, "cuda:0", "probe")
     assert choice.precision == "fp16"
+
+
+def test_candidates_are_compared_per_row_at_the_sizes_they_reached():
+    # emulated bf16 only reached 16 rows in its share of the budget; per row it is 10x slower than fp32 at 512
+    choice = P.choose({"fp32": (512, 0.020), "bf16": (16, 0.006)}, "cpu", "probe")
+    assert choice.precision == "fp32" and "bf16 6.00 ms for 16 rows (9.60x per row)" in choice.describe()
+    assert P.choose({"fp32": (512, 0.020), "bf16": (512, 0.016)}, "cpu", "probe", previous="fp32").precision == \
+        "fp32"  # a resumed run keeps its earlier choice unless it is far slower
 
 
 def test_explicit_precisions_are_kept_without_a_probe(monkeypatch):
@@ -81,8 +89,8 @@ def test_a_candidate_that_fails_is_left_out(monkeypatch):
             raise RuntimeError("bf16 missing")
 
     with pytest.warns(UserWarning, match="bf16 failed"):
-        rows, seconds = P.measure(probe, ["fp32", "bf16"], 64, torch.device("cpu"))
-    assert list(seconds) == ["fp32"] and rows == 64
+        measured = P.measure(probe, ["fp32", "bf16"], 64, torch.device("cpu"))
+    assert list(measured) == ["fp32"] and measured["fp32"][0] == 64
 
 
 def test_the_probe_stops_growing_before_a_slow_candidate_overruns_the_budget():
@@ -90,11 +98,12 @@ def test_the_probe_stops_growing_before_a_slow_candidate_overruns_the_budget():
         time.sleep(rows * (1e-4 if name == "bf16" else 1e-6))
 
     start = time.perf_counter()
-    rows, seconds = P.measure(probe, ["fp32", "bf16"], 4096, torch.device("cpu"), budget_s=0.1)
+    measured = P.measure(probe, ["fp32", "bf16"], 4096, torch.device("cpu"), budget_s=0.1)
     assert time.perf_counter() - start < 0.3
-    assert rows < 4096 and seconds["bf16"] > 10 * seconds["fp32"]
-    rows, _ = P.measure(lambda name, rows: None, ["fp32", "bf16"], 4096, torch.device("cpu"))
-    assert rows == 4096  # when every size is cheap, it reaches the real row count
+    (fp32_rows, fp32_s), (bf16_rows, bf16_s) = measured["fp32"], measured["bf16"]
+    assert bf16_rows < fp32_rows and bf16_s / bf16_rows > 10 * fp32_s / fp32_rows
+    cheap = P.measure(lambda name, rows: None, ["fp32", "bf16"], 4096, torch.device("cpu"))
+    assert cheap["fp32"][0] == cheap["bf16"][0] == 4096  # when every size is cheap, both reach the real row count
 
 
 def test_the_real_probe_is_quick_and_reports_its_numbers():
@@ -103,7 +112,8 @@ def test_the_real_probe_is_quick_and_reports_its_numbers():
         warnings.simplefilter("error")
         choice = P.resolve_precision("auto", "cpu", d_model=128, d_ff=512, rows=4096)
     assert time.perf_counter() - start < 1.0
-    assert choice.precision in ("fp32", "bf16") and set(choice.timings_ms) == {"fp32", "bf16"}
-    assert all(ms > 0 for ms in choice.timings_ms.values()) and 16 <= choice.rows <= P.MAX_TRAIN_ROWS
+    assert choice.precision in ("fp32", "bf16") and set(choice.measured) == {"fp32", "bf16"}
+    assert all(s > 0 and 16 <= rows <= P.MAX_TRAIN_ROWS for rows, s in choice.measured.values())
     inference = P.resolve_precision("auto", "cpu", d_model=128, d_ff=512, rows=1, training=False)
-    assert inference.rows == 1 and "feed-forward forward at 1 rows" in inference.describe()
+    assert {rows for rows, _ in inference.measured.values()} == {1}
+    assert "feed-forward forward: fp32" in inference.describe()

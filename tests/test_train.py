@@ -88,12 +88,12 @@ def test_causal_run_learns_and_writes_everything(tmp_path):
 def test_auto_precision_follows_the_probe_and_says_so_first(tmp_path, monkeypatch, capsys, faster):
     from formerkit import precision
 
-    seconds = {"fp32": 0.01, "bf16": 0.004 if faster == "bf16" else 0.03}
-    monkeypatch.setattr(precision, "measure", lambda probe, names, rows, device, budget_s: (64, seconds))
+    seconds = {"fp32": (64, 0.01), "bf16": (64, 0.004 if faster == "bf16" else 0.03)}
+    monkeypatch.setattr(precision, "measure", lambda probe, names, rows, device, budget_s: seconds)
     result = train(config(tmp_path, "--train.precision", "auto", "--log.samples", "0", steps=3))
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("formerkit train: starting;")
-    assert f"precision {faster} (auto: measured on cpu" in first and "fp32 10.00 ms" in first
+    assert f"precision {faster} (auto: measured on cpu" in first and "fp32 10.00 ms for 64 rows" in first
     assert result.precision == faster
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["precision"] == faster
 

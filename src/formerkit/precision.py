@@ -7,12 +7,16 @@ fallback). So ``precision="auto"`` measures, at start-up, the work that dominate
 feed-forward matrix products at its own ``d_model`` and ``d_ff``) in each candidate precision on
 this device, and picks the fastest.
 
-The probe grows its row count 4x at a time from 16 and stops before the next size would overrun
-its time budget (a quarter of a second by default), so a precision that is 100x slower is found
-out after one small product instead of stalling start-up. Every candidate is measured at the
-same sizes; the decision uses the largest size all of them reached. A candidate must be at least
-``MARGIN`` faster than fp32 to be chosen (lower precision costs accuracy; a near tie is not worth
-it). A probe that fails (an operation missing on the device) falls back to fp32 with a warning.
+Each candidate's probe grows its row count 4x at a time from 16 and stops before the next size
+would overrun its share of the time budget (a quarter of a second in all by default), so a
+precision that is 100x slower is found out after a few small products instead of stalling
+start-up, and a fast one is measured at sizes where its kernels reach full speed. The decision
+compares time per row at the largest size each reached, taking at every size the fastest of
+three calls (a busy machine only ever adds time). On a CPU the probe runs on one thread: the
+ratio between the precisions is a property of each core's kernels, and one thread does not stall
+at parallel-region barriers when other processes hold the cores. A candidate must be at least ``MARGIN`` faster
+than fp32 to be chosen (lower precision costs accuracy; a near tie is not worth it). A probe
+that fails (an operation missing on the device) falls back to fp32 with a warning.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ MARGIN = 1.1  # a lower precision must be this much faster than fp32 to be chose
 STICKY = 1.5  # a resumed run keeps its earlier choice unless it is this much slower than the best
 BUDGET_S = 0.25  # wall-clock time the probe may spend (it usually needs much less)
 FIRST_ROWS = 16
+REPEATS = 3  # calls per size; the fastest counts
 MAX_TRAIN_ROWS = 512  # enough rows for the matmul kernels to reach their steady speed
 
 
@@ -41,15 +46,14 @@ MAX_TRAIN_ROWS = 512  # enough rows for the matmul kernels to reach their steady
 class PrecisionChoice:
     """The precision a run uses, and why.
 
-    ``timings_ms`` holds the probe's time per candidate (milliseconds for one pass of the probe
-    workload at ``rows`` rows); empty when the precision was given explicitly.
+    ``measured`` holds, per candidate, the row count the probe reached and its best time there
+    (seconds); empty when the precision was given explicitly.
     """
 
     precision: str
     requested: str
     device: str
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    rows: int = 0
+    measured: dict[str, tuple[int, float]] = field(default_factory=dict)
     workload: str = ""
     note: str = ""
 
@@ -62,12 +66,13 @@ class PrecisionChoice:
         """One line: the precision and, for ``auto``, the measurements behind it."""
         if self.requested != "auto":
             return f"precision {self.precision} (as configured){self.note}"
-        if not self.timings_ms:
+        if not self.measured:
             return f"precision {self.precision} (auto{self.note})"
-        fastest = min(self.timings_ms.values())
-        parts = ", ".join(f"{name} {ms:.2f} ms ({ms / fastest:.2f}x)" for name, ms in self.timings_ms.items())
-        return (f"precision {self.precision} (auto: measured on {self.device}, {self.workload} at {self.rows} rows: "
-                f"{parts}){self.note}")
+        per_row = {name: seconds / rows for name, (rows, seconds) in self.measured.items()}
+        fastest = min(per_row.values())
+        parts = ", ".join(f"{name} {seconds * 1e3:.2f} ms for {rows} rows ({per_row[name] / fastest:.2f}x per row)"
+                          for name, (rows, seconds) in self.measured.items())
+        return f"precision {self.precision} (auto: measured on {self.device}, {self.workload}: {parts}){self.note}"
 
 
 def check_precision(precision: str, device: torch.device | str) -> None:
@@ -148,37 +153,43 @@ def _time(probe: Callable[[str, int], None], precision: str, rows: int, device: 
     return time.perf_counter() - start
 
 
+def _best_of(probe: Callable[[str, int], None], name: str, rows: int, device: torch.device) -> float:
+    return min(_time(probe, name, rows, device) for _ in range(REPEATS))
+
+
 def measure(probe: Callable[[str, int], None], names: list[str], rows: int, device: torch.device,
-            budget_s: float = BUDGET_S) -> tuple[int, dict[str, float]]:
+            budget_s: float = BUDGET_S) -> dict[str, tuple[int, float]]:
     """Time ``probe`` for each precision in ``names`` at growing row counts up to ``rows``, within ``budget_s``.
 
-    Returns (the largest row count every candidate was measured at, {name: best seconds there}).
-    Raises RuntimeError when the probe fails for fp32 itself.
+    Each candidate gets an equal share of the budget and grows 4x at a time from ``FIRST_ROWS``
+    while the next size fits its share; at each size it is timed ``REPEATS`` times and the
+    fastest call counts (other processes only ever add time). Returns {name: (rows reached,
+    best seconds there)}; candidates that fail are left out with a warning. Raises
+    RuntimeError when the probe fails for fp32 itself.
     """
-    started = time.perf_counter()
-    size = min(FIRST_ROWS, rows)
+    first = min(FIRST_ROWS, rows)
     working: list[str] = []
     for name in names:  # warm up (kernel creation) at the smallest size; drop what fails
         try:
-            probe(name, size)
+            probe(name, first)
             working.append(name)
         except (RuntimeError, NotImplementedError) as err:
             if name == "fp32":
                 raise
             warnings.warn(f"precision probe: {name} failed on {device} ({err}); not considered", FormerkitWarning,
                           stacklevel=3)
-    best: dict[str, float] = {}
-    measured = 0
-    while True:
-        times = {name: min(_time(probe, name, size, device) for _ in range(2)) for name in working}
-        best, measured = times, size
-        if size >= rows:
-            break
-        projected = sum(2 * 4 * t for t in times.values())  # two calls each at 4x the rows
-        if time.perf_counter() - started + projected > budget_s:
-            break
-        size = min(rows, size * 4)
-    return measured, best
+    share = budget_s / len(working)
+    out = {}
+    for name in working:
+        started, size = time.perf_counter(), first
+        while True:
+            seconds = _best_of(probe, name, size, device)
+            out[name] = (size, seconds)
+            spent = time.perf_counter() - started
+            if size >= rows or spent + REPEATS * 4 * seconds > share:  # the next size would overrun the share
+                break
+            size = min(rows, size * 4)
+    return out
 
 
 def resolve_precision(requested: str, device: torch.device | str, *, d_model: int, d_ff: int, rows: int,
@@ -200,26 +211,31 @@ def resolve_precision(requested: str, device: torch.device | str, *, d_model: in
     names = candidates(device)
     rows = max(1, min(rows, MAX_TRAIN_ROWS) if training else rows)
     probe_cls = _TrainingProbe if training else _InferenceProbe
+    threads = torch.get_num_threads()
     try:
+        if device.type == "cpu":  # one thread: a busy machine stalls parallel regions, not single-core kernels
+            torch.set_num_threads(1)
         probe = probe_cls(d_model, d_ff, device)
-        measured, seconds = measure(probe, names, rows, device, budget_s)
+        measured = measure(probe, names, rows, device, budget_s)
     except (RuntimeError, NotImplementedError) as err:
         warnings.warn(f"the precision probe failed on {device} ({err}); using fp32", FormerkitWarning, stacklevel=2)
         return PrecisionChoice("fp32", "auto", str(device), note=f"; the probe failed: {err}")
-    return choose(seconds, str(device), measured, probe_cls.workload, previous)
+    finally:
+        torch.set_num_threads(threads)
+    return choose(measured, str(device), probe_cls.workload, previous)
 
 
-def choose(seconds: dict[str, float], device: str, rows: int, workload: str,
+def choose(measured: dict[str, tuple[int, float]], device: str, workload: str,
            previous: str | None = None) -> PrecisionChoice:
-    """Pick from measured ``seconds`` per candidate: the fastest, unless it beats fp32 by less than ``MARGIN``.
+    """Pick from {name: (rows, seconds)}: the least time per row, unless it beats fp32's by less than ``MARGIN``.
 
     A ``previous`` choice among the candidates stays unless it is ``STICKY`` times slower than the fastest.
     """
-    timings_ms = {name: s * 1e3 for name, s in seconds.items()}
-    fastest = min(seconds, key=seconds.get)
-    if previous in seconds and seconds[previous] <= STICKY * seconds[fastest]:
-        return PrecisionChoice(previous, "auto", device, timings_ms, rows, workload, note="; kept from the run's start")
-    if fastest == "fp16" and "bf16" in seconds and seconds["bf16"] <= MARGIN * seconds["fp16"]:
+    per_row = {name: seconds / rows for name, (rows, seconds) in measured.items()}
+    fastest = min(per_row, key=per_row.get)
+    if previous in per_row and per_row[previous] <= STICKY * per_row[fastest]:
+        return PrecisionChoice(previous, "auto", device, measured, workload, note="; kept from the run's start")
+    if fastest == "fp16" and "bf16" in per_row and per_row["bf16"] <= MARGIN * per_row["fp16"]:
         fastest = "bf16"  # near a tie, bf16: fp32's range, no loss scaling
-    chosen = fastest if seconds["fp32"] >= MARGIN * seconds[fastest] else "fp32"
-    return PrecisionChoice(chosen, "auto", device, timings_ms, rows, workload)
+    chosen = fastest if per_row["fp32"] >= MARGIN * per_row[fastest] else "fp32"
+    return PrecisionChoice(chosen, "auto", device, measured, workload)
