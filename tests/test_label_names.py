@@ -1,16 +1,23 @@
-"""Label names: ModelConfig validation, native and Hugging Face round trips, what transformers reads."""
+"""Label names: ModelConfig validation, native and Hugging Face round trips, what transformers reads, training."""
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
+import torch
 
 import formerkit as fk
 from formerkit.errors import ConfigError
+from formerkit.train import TrainConfig
+from formerkit.train.distributed import DistInfo
+from formerkit.train.init_from import init_model_options
+from formerkit.train.setup import build_objective
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+INFO = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 BERT = dict(kind="encoder", vocab_size=60, d_model=32, n_layers=1, n_heads=4, d_ff=64, max_seq_len=16,
             norm_placement="post", final_norm=False, embed_norm=True, type_vocab_size=2, activation="gelu",
@@ -74,3 +81,37 @@ def test_transformers_reads_the_names_of_a_saved_hf_dir(tmp_path):
     model.save_pretrained(tmp_path / "again")  # and formerkit reads what transformers writes
     assert fk.from_pretrained(tmp_path / "again").config.label_names == ["neg", "neutral", "pos"]
 
+
+def test_init_from_leaves_the_names_to_the_new_data(tmp_path):
+    cfg = fk.ModelConfig(**BERT, num_labels=2, label_names=["neg", "pos"])
+    fk.save_pretrained(fk.Transformer(cfg), tmp_path)
+    values = init_model_options(tmp_path, {"num_labels": 3}, {"head": "classifier"})
+    assert "label_names" not in values
+    assert fk.ModelConfig.from_dict(values).num_labels == 3  # a checkpoint's 2 names would not fit 3 classes
+
+
+def _run_config(tmp_path: Path, *extra: str) -> TrainConfig:
+    return TrainConfig.load(None, ["--data.tokenizer", "byte", "--model.n_layers", "1", "--model.d_model", "32",
+                                   "--model.n_heads", "4", "--model.d_ff", "64", "--train.seq_len", "32",
+                                   "--checkpoint.run_dir", str(tmp_path / "run"), *extra])
+
+
+@pytest.mark.parametrize("labels, extra, names", [
+    (["pos", "neg", "meh"], [], ["meh", "neg", "pos"]),  # string labels: in sorted order, as their ids are
+    ([1, 0, 1], ["--model.num_labels", "3"], ["0", "1", "2"]),  # a class the data never shows: its id
+    ([1, 0, 1], ["--model.label_names", "[bad, good]"], ["bad", "good"]),  # the user names integer classes
+])
+def test_a_classify_run_records_its_label_names(tmp_path, labels, extra, names):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"text {i}", "label": label}) + "\n"
+                            for i, label in enumerate(labels * 4)))
+    cfg = _run_config(tmp_path, "--train.objective", "classify", "--data.source", str(data), *extra)
+    _, model_cfg = build_objective(cfg, fk.ByteTokenizer(), None, INFO)
+    assert model_cfg.label_names == names and model_cfg.num_labels == len(names)
+
+
+def test_an_image_classify_run_records_its_label_names(tmp_path):
+    cfg = _run_config(tmp_path, "--train.objective", "image-classify", "--data.source", "digits",
+                      "--model.preset", "vit-digits")
+    _, model_cfg = build_objective(cfg, None, None, INFO)
+    assert model_cfg.label_names == [str(i) for i in range(10)]

@@ -102,6 +102,7 @@ def build_objective(cfg: TrainConfig, tokenizer, source: TextSource | None, info
     if t.objective == "image-classify":  # vocab_size is unused by image models
         splits = image_splits(cfg)
         model_cfg = _model_config(image_model_options(cfg, splits.train), 1, len(splits.train.label_names))
+        model_cfg = model_cfg.replace(label_names=model_cfg.label_names or splits.train.label_names)
         return ImageClassification(splits, t.batch_size, info.rank, info.world_size, t.seed,
                                    model_cfg.num_image_tokens, cfg.data.augment_shift), model_cfg
     if t.objective == "classify":
@@ -114,6 +115,8 @@ def build_objective(cfg: TrainConfig, tokenizer, source: TextSource | None, info
                             f"more than model.num_labels={chosen}; raise --model.num_labels or leave it unset "
                             "to take the count from the data")
         model_cfg = _model_config(cfg, tokenizer.vocab_size, num_labels=chosen)
+        names = names + [str(i) for i in range(len(names), chosen)]  # classes the data never shows: their ids
+        model_cfg = model_cfg.replace(label_names=model_cfg.label_names or names)
         objective = Classification(train.texts, torch.tensor(train.labels), val.texts, torch.tensor(val.labels),
                                    tokenizer, t.seq_len, t.batch_size, info.rank, info.world_size, t.seed)
         return objective, model_cfg
