@@ -6,6 +6,7 @@ from formerkit.embed import embed
 from formerkit.errors import CheckpointError, ConfigError, DataError, FormerkitError, InputError, TrainingError
 from formerkit.generate import BeamOutput, SpeculativeOutput, beam_search, generate, generate_text, speculative_generate
 from formerkit.model import ModelOutput, Transformer
+from formerkit.predict import classify, fill_mask
 from formerkit.quantize import Int8Linear, load_quantized, quantize_int8, save_quantized
 from formerkit.tokenizers import (
     ByteTokenizer,
@@ -38,7 +39,9 @@ __all__ = [
     "Transformer",
     "beam_search",
     "build_tokenizer",
+    "classify",
     "embed",
+    "fill_mask",
     "from_pretrained",
     "generate",
     "generate_text",
