@@ -33,7 +33,8 @@ def test_yaml_spellings_of_booleans_are_booleans(value, expected):
 def test_a_bool_option_in_yaml_takes_only_booleans(tmp_path):
     with pytest.raises(fk.ConfigError, match="log.tensorboard must be true or false, got 'maybe'"):
         load_yaml(tmp_path, "log:\n  tensorboard: maybe\n")
-    with pytest.raises(fk.ConfigError, match=r"checkpoint.resume must be true, false or a step directory \(step-0000100\), got 1"):
+    with pytest.raises(fk.ConfigError,
+                       match=r"checkpoint.resume must be true, false or a step directory \(step-0000100\), got 1"):
         load_yaml(tmp_path, "checkpoint:\n  resume: 1\n")
     assert load_yaml(tmp_path, "log:\n  tensorboard: no\n").log.tensorboard is False
 

@@ -17,6 +17,7 @@ from formerkit.errors import (
 )
 from formerkit.generate import BeamOutput, SpeculativeOutput, beam_search, generate, generate_text, speculative_generate
 from formerkit.model import ModelOutput, Transformer
+from formerkit.predict import classify, fill_mask
 from formerkit.quantize import Int8Linear, load_quantized, quantize_int8, save_quantized
 from formerkit.tokenizers import (
     ByteTokenizer,
@@ -53,7 +54,9 @@ __all__ = [
     "Transformer",
     "beam_search",
     "build_tokenizer",
+    "classify",
     "embed",
+    "fill_mask",
     "from_pretrained",
     "generate",
     "generate_text",

@@ -239,8 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     from formerkit.generate.command import add_generate_command
+    from formerkit.predict import add_predict_command
 
     add_generate_command(sub)
+    add_predict_command(sub)
 
     from formerkit.quantize import add_quantize_command
 

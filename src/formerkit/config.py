@@ -81,6 +81,7 @@ class ModelConfig:
 
     head: Head = "lm"
     num_labels: int = 2
+    label_names: list[str] | None = None  # label_names[i] names class i (HF id2label); None: unnamed
     pooler: bool = False  # BERT's dense + tanh over the first token
     pooling: Pooling = "mean"  # how embed() and the classifier reduce a sequence
     pad_token_id: int | None = None
@@ -96,6 +97,8 @@ class ModelConfig:
     num_channels: int = 3
 
     def __post_init__(self) -> None:
+        if isinstance(self.label_names, tuple):  # stored as a list, so a JSON round trip compares equal
+            self.label_names = list(self.label_names)
         _validate(self)
 
     # ---- derived sizes -------------------------------------------------------------
@@ -284,6 +287,24 @@ def _validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"attn_scale must be positive, got {cfg.attn_scale}")
     _validate_images(cfg)
     _validate_positions_and_decoding(cfg)
+    _validate_label_names(cfg)
+
+
+def _validate_label_names(cfg: ModelConfig) -> None:
+    """label_names: null, or one distinct string per class (``num_labels`` of them)."""
+    names = cfg.label_names
+    if names is None:
+        return
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"label_names must be a list of strings (label_names[i] names class i) or null, "
+                          f"got {names!r}")
+    if len(names) != cfg.num_labels:
+        raise ConfigError(f"label_names has {len(names)} names but num_labels={cfg.num_labels}; give one name per "
+                          f"class or set num_labels={len(names)}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"label_names must be distinct, but {', '.join(map(repr, repeated))} appears more than "
+                          "once; give each class its own name")
 
 
 def _validate_positions_and_decoding(cfg: ModelConfig) -> None:

@@ -57,6 +57,25 @@ def _num_labels(hf: dict[str, Any]) -> int:
     return len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2))
 
 
+def _label_names(hf: dict[str, Any]) -> list[str] | None:
+    """The class names of ``id2label`` in id order, or None: without a map, for transformers' default names
+    (LABEL_0, LABEL_1, ...), and for a map formerkit cannot hold (ids not 0..n-1, names not distinct strings)."""
+    id2label = hf.get("id2label")
+    if not isinstance(id2label, dict) or not id2label:
+        return None
+    by_id = {str(k): v for k, v in id2label.items()}
+    names = [by_id.get(str(i)) for i in range(len(by_id))]
+    if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        return None
+    return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
+
+
+def _label_maps(cfg: ModelConfig) -> dict[str, dict]:
+    """HF's ``id2label`` and ``label2id`` of a classifier: its label_names, else transformers' LABEL_i names."""
+    names = cfg.label_names or [f"LABEL_{i}" for i in range(cfg.num_labels)]
+    return {"id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
+
+
 def _rope_theta(hf: dict[str, Any]) -> float:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -154,6 +173,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
                           f"{', '.join(SUPPORTED_TYPES)}")
     if values["head"] == "classifier" and model_type not in ("bert", "vit"):
         raise ConfigError(f"sequence-classification checkpoints are read for BERT only, not {model_type}")
+    if values["head"] == "classifier":
+        values["label_names"] = _label_names(hf)
     return ModelConfig.from_dict(values)
 
 
@@ -237,8 +258,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         **default_ids(family, cfg.vocab_size),  # written out: transformers' defaults may lie outside the vocabulary
     }
     if cfg.head == "classifier":
-        common["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
-        common["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+        common.update(_label_maps(cfg))
     if cfg.pad_token_id is not None:
         common["pad_token_id"] = cfg.pad_token_id
     if family in ("bart", "t5"):
@@ -336,8 +356,7 @@ def _vit_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "num_channels": cfg.num_channels, "qkv_bias": cfg.qkv_bias,
     }
     if cfg.head == "classifier":
-        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
-        out["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+        out.update(_label_maps(cfg))
     else:
         out.update(pooler_output_size=cfg.d_model, pooler_act="tanh")
     return out

@@ -55,6 +55,7 @@ def init_model_options(path: str | Path, options: dict[str, Any], needs: dict[st
     """
     source = load_config(path)
     values = source.to_dict()
+    values.pop("label_names")  # the classes of the run's own data name its labels
     if "kind" in needs and source.kind != needs["kind"]:
         raise ConfigError(f"the checkpoint in {path} is a {source.kind} model; this objective trains a "
                           f"{needs['kind']} model: choose another --train.objective or checkpoint")

@@ -114,6 +114,7 @@ def build_objective(cfg: TrainConfig, tokenizer, source: TextSource | None, info
     if t.objective == "image-classify":  # vocab_size is unused by image models
         splits = image_splits(cfg)
         model_cfg = _model_config(image_model_options(cfg, splits.train), 1, len(splits.train.label_names))
+        model_cfg = model_cfg.replace(label_names=model_cfg.label_names or splits.train.label_names)
         line = (f"data: {splits.train.description}: {len(splits.train):,} training, {len(splits.val):,} validation "
                 f"and {len(splits.test):,} test images, {len(splits.train.label_names)} classes")
         return ImageClassification(splits, t.batch_size, info.rank, info.world_size, t.seed,
@@ -128,6 +129,8 @@ def build_objective(cfg: TrainConfig, tokenizer, source: TextSource | None, info
                             f"more than model.num_labels={chosen}; raise --model.num_labels or leave it unset "
                             "to take the count from the data")
         model_cfg = _model_config(cfg, tokenizer.vocab_size, num_labels=chosen)
+        names = names + [str(i) for i in range(len(names), chosen)]  # classes the data never shows: their ids
+        model_cfg = model_cfg.replace(label_names=model_cfg.label_names or names)
         objective = Classification(train.texts, torch.tensor(train.labels), val.texts, torch.tensor(val.labels),
                                    tokenizer, t.seq_len, t.batch_size, info.rank, info.world_size, t.seed)
         line = (f"data: {cfg.data.source}: {len(train):,} training and {len(val):,} validation texts, labels "
