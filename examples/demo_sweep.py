@@ -31,6 +31,8 @@ D192 = ["--model.n_layers", "4", "--model.d_model", "192", "--model.n_heads", "3
 LLAMA_D192 = ["--model.preset", "llama", "--model.n_layers", "4", "--model.d_model", "192", "--model.n_heads", "3",
               "--model.n_kv_heads", "3", "--model.d_ff", "512", "--model.max_seq_len", "256",
               "--model.tie_embeddings", "true", "--data.vocab_size", "4096"]
+LLAMA_D128 = [*LLAMA_D192, "--model.d_model", "128", "--model.n_heads", "2", "--model.n_kv_heads", "2",
+              "--model.d_ff", "352"]
 CANDIDATES = {  # name: overrides of examples/demo.yaml
     "d256-L4-v4096": ["--model.n_layers", "4", "--model.d_model", "256", "--model.n_heads", "4",
                       "--model.d_ff", "1024", "--data.vocab_size", "4096"],
@@ -53,6 +55,10 @@ CANDIDATES = {  # name: overrides of examples/demo.yaml
                       "--model.d_ff", "512", "--data.vocab_size", "4096"],
     "llama-d192-L4-v4096": [*LLAMA_D192],
     "llama-d192-L4-v4096-lr4e-3": [*LLAMA_D192, "--optim.lr", "4e-3"],
+    "llama-d192-L4-v4096-lr6e-3": [*LLAMA_D192, "--optim.lr", "6e-3"],
+    "llama-d192-L4-v4096-lr4e-3-B8": [*LLAMA_D192, "--optim.lr", "4e-3", "--train.batch_size", "8"],
+    "llama-d128-L4-v4096-lr4e-3": [*LLAMA_D128, "--optim.lr", "4e-3"],
+    "llama-d128-L6-v4096-lr4e-3": [*LLAMA_D128, "--model.n_layers", "6", "--optim.lr", "4e-3"],
 }
 
 

@@ -180,7 +180,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         seed = None if args.seed is None else args.seed + i
         text = fk.generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                                 temperature=args.temperature, top_k=args.top_k or None, seed=seed,
-                                truncate=args.truncate)
+                                truncate=args.truncate, heal=not args.no_heal)
         print(text if args.num_samples == 1 else f"--- sample {i + 1} ---\n{text}")
 
 
@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate", choices=["left", "right"], default=None,
                    help="cut a prompt too long for the model's context to fit with --max-new-tokens: left drops its "
                         "start, right its end (default: a too-long prompt is an error)")
+    p.add_argument("--no-heal", action="store_true",
+                   help="keep the prompt's last token as it is (by default it is taken back and the first new token "
+                        "must start with its text: token healing, so a prompt like 'def ' reads as in training)")
     p.set_defaults(func=cmd_sample)
 
     from formerkit.generate.command import add_generate_command

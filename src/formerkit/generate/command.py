@@ -25,7 +25,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         return
     options = dict(max_new_tokens=args.max_new_tokens, stop_strings=args.stop, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                   repetition_penalty=args.repetition_penalty, seed=args.seed, truncate=args.truncate)
+                   repetition_penalty=args.repetition_penalty, seed=args.seed, truncate=args.truncate,
+                   heal=args.heal)
     if len(prompts) == 1 and not args.no_stream:
         for piece in generate_text(model, tokenizer, prompts[0], stream=True, **options):
             sys.stdout.write(piece)
@@ -61,6 +62,9 @@ def add_generate_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--truncate", choices=["left", "right"], default=None,
                    help="cut a prompt too long for the model's context to fit with --max-new-tokens: left drops its "
                         "start, right its end (default: a too-long prompt is an error)")
+    p.add_argument("--heal", action="store_true",
+                   help="token healing: take back a prompt's last token (a trailing space, a half word) and make the "
+                        "first new token start with its text, as the model saw such text in training")
     p.add_argument("--no-stream", action="store_true", help="print a single prompt's text only when it is done")
     p.add_argument("--num-beams", type=positive_int, default=1,
                    help="beam search with this many beams (> 1; e.g. to translate with an encoder-decoder run); "

@@ -65,6 +65,7 @@ class GenerationPlan:
     pad: int
     decoder_start: int
     generator: torch.Generator | None
+    first_allowed: torch.Tensor | None = None  # (B, V) bool: the tokens each row may choose first (token healing)
 
 
 def _token_id(name: str, value: object, vocab_size: int) -> int:
@@ -138,9 +139,11 @@ def make_plan(model: nn.Module, input_ids: torch.Tensor | Sequence[Sequence[int]
               top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
               repetition_penalty: float = 1.0, eos_token_id: int | Sequence[int] | None = None,
               stop: Sequence[Sequence[int]] | None = None, seed: int | None = None, pad_token_id: int | None = None,
-              decoder_start_token_id: int | None = None) -> GenerationPlan:
+              decoder_start_token_id: int | None = None,
+              first_allowed: torch.Tensor | None = None) -> GenerationPlan:
     """Check every argument of ``generate`` (same defaults) and return them as a plan.
 
+    ``first_allowed`` (B, V) bool limits each row's first new token (token healing).
     Raises InputError saying what to do about a bad argument.
     """
     cfg = model.config
@@ -168,8 +171,12 @@ def make_plan(model: nn.Module, input_ids: torch.Tensor | Sequence[Sequence[int]
         _check_left_padding(mask)
     _check_length(cfg, ids, mask, max_new_tokens, encoder_decoder)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    if first_allowed is not None and (tuple(first_allowed.shape) != (ids.shape[0], cfg.vocab_size)
+                                      or not bool(first_allowed.any(-1).all())):
+        raise InputError(f"first_allowed must be a ({ids.shape[0]}, {cfg.vocab_size}) bool tensor allowing at least "
+                         "one token per row")
     return GenerationPlan(ids, mask, max_new_tokens, sampling, eos, _stop_sequences(stop, cfg.vocab_size),
-                          pad, start, generator)
+                          pad, start, generator, None if first_allowed is None else first_allowed.to(ids.device))
 
 
 def _check_left_padding(mask: torch.Tensor) -> None:
@@ -271,6 +278,8 @@ def decode_loop(model: nn.Module, plan: GenerationPlan,
     if padded:  # the mask of every column there will be: the prompt's, then ones
         mask = torch.cat([mask, mask.new_ones(B, plan.max_new_tokens)], dim=1)  # (B, T + max_new_tokens)
     for step in range(plan.max_new_tokens):
+        if step == 0 and plan.first_allowed is not None:
+            logits = logits.masked_fill(~plan.first_allowed, torch.finfo(logits.dtype).min)  # (B, V)
         tokens = choose(process(logits, plan.sampling, seen), plan.sampling, plan.generator)  # (B,)
         tokens = torch.where(live, tokens, plan.pad)
         history.append(tokens)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Sequence
+
+import torch
 
 from formerkit.config import ModelConfig
 from formerkit.errors import FormerkitWarning, InputError
@@ -66,3 +69,38 @@ def fit_prompts(tokenizer: Tokenizer, prompts: Sequence[str], cfg: ModelConfig, 
             rows[i] = row[-room:] if truncate == "left" else row[:room]
             shown[i] = tokenizer.decode(rows[i])
     return rows, shown
+
+
+_TOKEN_TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def token_texts(tokenizer: Tokenizer, vocab_size: int) -> list[str]:
+    """The text of every token id below ``vocab_size`` decoded alone (special tokens: empty), cached per tokenizer."""
+    texts = _TOKEN_TEXTS.get(tokenizer)
+    if texts is None or len(texts) != vocab_size:
+        texts = [tokenizer.decode([i]) if i < tokenizer.vocab_size else "" for i in range(vocab_size)]
+        _TOKEN_TEXTS[tokenizer] = texts
+    return texts
+
+
+def heal_prompts(tokenizer: Tokenizer, rows: list[list[int]], shown: list[str],
+                 vocab_size: int) -> tuple[list[list[int]], list[str], torch.Tensor | None]:
+    """Token healing: take back each prompt's last token where other tokens extend its text.
+
+    Returns the prompts' ids (a healed row one token shorter), their texts as they will be shown
+    (a healed row without the taken-back text), and the tokens allowed as each row's first new
+    token, (B, vocab_size) bool: those whose text starts with the taken-back text (every token
+    for a row left as it was); None when no row was healed.
+    """
+    texts = token_texts(tokenizer, vocab_size)
+    allowed = torch.ones(len(rows), vocab_size, dtype=torch.bool)  # (B, V)
+    rows, shown, healed = [list(r) for r in rows], list(shown), False
+    for i, row in enumerate(rows):
+        tail = texts[row[-1]] if len(row) >= 2 else ""
+        extends = [j for j, text in enumerate(texts) if tail and text.startswith(tail)]
+        if len(extends) < 2 or not shown[i].endswith(tail):  # nothing longer to choose, or not the prompt's end
+            continue
+        allowed[i] = False
+        allowed[i, extends] = True
+        rows[i], shown[i], healed = row[:-1], shown[i][: len(shown[i]) - len(tail)], True
+    return rows, shown, allowed if healed else None

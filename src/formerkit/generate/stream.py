@@ -14,7 +14,7 @@ from torch import nn
 
 from formerkit.errors import InputError
 from formerkit.generate.decode import decode_loop, make_plan
-from formerkit.generate.prompts import fit_prompts
+from formerkit.generate.prompts import fit_prompts, heal_prompts
 from formerkit.tokenizers import Tokenizer
 
 _CONTEXT = 8  # prompt tokens decoded before the continuation, so tokenizers that treat a text's start specially agree
@@ -77,7 +77,8 @@ def _pieces(prompt: str, row: _RowText, steps: Iterator) -> Iterator[str]:
 
 def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt_or_prompts: str | Sequence[str], *,
                   max_new_tokens: int = 50, stop_strings: str | Sequence[str] | None = None, stream: bool = False,
-                  truncate: str | None = None, **sampling) -> str | list[str] | Iterator[str]:
+                  truncate: str | None = None, heal: bool = False,
+                  **sampling) -> str | list[str] | Iterator[str]:
     """Continue a prompt (or a batch of prompts) and return prompt + continuation as text.
 
     Prompts are encoded with ``add_special_tokens=False``; an empty one starts from the
@@ -94,6 +95,11 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt_or_prompts: str
     "right" its end; a cut prompt is shown as its kept tokens decoded. ``None`` (default) leaves
     prompts whole, and a prompt too long for learned positions is an InputError. Prompt characters
     a char tokenizer does not know become ``<unk>``, with a FormerkitWarning naming them.
+
+    ``heal`` (token healing, decoder-only models): a prompt's last token is taken back when other
+    tokens start with its text, and the first new token must start with that text. A prompt
+    ending in a space ("def ") otherwise leaves a BPE model a lone space token, which its training
+    text almost never has (spaces there belong to the next word's token).
     """
     single = isinstance(prompt_or_prompts, str)
     prompts = [prompt_or_prompts] if single else prompt_or_prompts
@@ -103,9 +109,12 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt_or_prompts: str
         raise InputError("stream=True takes a single prompt string; generate a list of prompts without streaming")
     encoder_decoder = model.config.kind == "encoder-decoder"
     ids, shown = fit_prompts(tokenizer, prompts, model.config, max_new_tokens, truncate)
+    first_allowed = None
+    if heal and not encoder_decoder:
+        ids, shown, first_allowed = heal_prompts(tokenizer, ids, shown, model.config.vocab_size)
     sampling.setdefault("eos_token_id", tokenizer.eos_id)
     sampling.setdefault("pad_token_id", tokenizer.pad_id)
-    plan = make_plan(model, ids, max_new_tokens=max_new_tokens, **sampling)
+    plan = make_plan(model, ids, max_new_tokens=max_new_tokens, first_allowed=first_allowed, **sampling)
     strings = _stop_strings(stop_strings)
     rows = [_RowText(tokenizer, [] if encoder_decoder else row[-_CONTEXT:], set(plan.eos), strings) for row in ids]
 

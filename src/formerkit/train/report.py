@@ -35,7 +35,7 @@ def sample_prompts(source: TextSource | None, count: int) -> list[str]:
 
 def draw_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
                  autocast) -> list[str]:
-    """Sample a continuation of every prompt in one batch (temperature 0.8, top-k 50), ignoring end-of-text.
+    """Sample a continuation of every prompt in one batch (temperature 0.8, top-k 50, token healing), no end-of-text.
 
     Each sample has exactly ``max_new_tokens`` new tokens (capped so prompt and sample fit the
     model's context). Returns prompt + continuation per prompt.
@@ -45,7 +45,7 @@ def draw_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens
     model.eval()
     with torch.no_grad(), autocast():
         return generate_text(model, tokenizer, prompts, max_new_tokens=new_tokens, temperature=0.8, top_k=50,
-                             seed=seed, eos_token_id=[])
+                             seed=seed, eos_token_id=[], heal=True)
 
 
 def reference_texts(source: TextSource, val_fraction: float, seed: int = 0) -> list[str]:
@@ -99,8 +99,12 @@ def report_causal(cfg, model: nn.Module, tokenizer, source: TextSource | None, a
     ``cfg`` is the run's TrainConfig and ``result`` its TrainResult, whose ``samples`` and
     ``python`` this fills in.
     """
+    tokens_per_s = result.tokens_per_s
+    earlier = Path(result.run_dir) / SUMMARY_FILE
+    if tokens_per_s is None and earlier.is_file():  # a finished run evaluated again: keep the speed it trained at
+        tokens_per_s = json.loads(earlier.read_text()).get("tokens_per_s")
     summary = {"steps_done": result.step, "steps_planned": cfg.train.steps, "precision": result.precision,
-               "tokens_per_s": result.tokens_per_s, "val_loss": result.val.get("loss"),
+               "tokens_per_s": tokens_per_s, "val_loss": result.val.get("loss"),
                "val_bpb": result.val.get("bits_per_byte")}
     if cfg.log.samples:
         prompts = sample_prompts(source, cfg.log.samples)
