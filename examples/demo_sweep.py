@@ -58,6 +58,12 @@ CANDIDATES = {  # name: overrides of examples/demo.yaml
     "llama-d192-L4-v4096-lr6e-3": [*LLAMA_D192, "--optim.lr", "6e-3"],
     "llama-d192-L4-v4096-lr4e-3-B8": [*LLAMA_D192, "--optim.lr", "4e-3", "--train.batch_size", "8"],
     "llama-d128-L4-v4096-lr4e-3": [*LLAMA_D128, "--optim.lr", "4e-3"],
+    "llama-d192-L4-v4096-lr4e-3-B4": [*LLAMA_D192, "--optim.lr", "4e-3", "--train.batch_size", "4"],
+    "llama-d192-L4-v4096-lr3e-3-B8": [*LLAMA_D192, "--optim.lr", "3e-3", "--train.batch_size", "8"],
+    "llama-d128-L4-v4096-lr4e-3-B8": [*LLAMA_D128, "--optim.lr", "4e-3", "--train.batch_size", "8"],
+    "llama-d256-L4-v4096-lr4e-3-B8": [*LLAMA_D192, "--model.d_model", "256", "--model.n_heads", "4",
+                                      "--model.n_kv_heads", "4", "--model.d_ff", "688", "--optim.lr", "4e-3",
+                                      "--train.batch_size", "8"],
     "llama-d128-L6-v4096-lr4e-3": [*LLAMA_D128, "--model.n_layers", "6", "--optim.lr", "4e-3"],
 }
 

@@ -16,6 +16,7 @@ import formerkit as fk
 from formerkit.train import train
 from formerkit.train.guard import LOCK_FILE, RunLock
 from formerkit.train.logging import read_metrics
+from test_run_logger import _scalars
 from test_train import TINY, config, corpus, losses
 
 
@@ -79,6 +80,10 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path):
     _wait_for_steps(run, 2, victim)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+    logged = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+    in_tensorboard = [step for step, _ in _scalars(run / "tensorboard")["train/loss"]]
+    # TensorBoard lost nothing but, at most, the step being written when the kill came
+    assert len(logged) >= 2 and in_tensorboard[: len(logged) - 1] == logged[:-1]
     assert json.loads((run / LOCK_FILE).read_text())["pid"] == victim.pid  # the file stays; the lock does not
     with pytest.warns(fk.FormerkitWarning, match=f"lock left by pid {victim.pid}"):
         result = train(config(tmp_path, "--checkpoint.run_dir", str(run), "--checkpoint.resume", "false",

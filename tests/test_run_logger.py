@@ -33,12 +33,17 @@ def _log_run(run_dir, losses, start=1, val_every=0, **kw) -> RunLogger:
 
 
 def _events(event_dir) -> list[Event]:
-    """Read every event from the TFRecord-framed event files in ``event_dir`` (8-byte length, crc, data, crc)."""
+    """Read every complete event from the TFRecord-framed event files in ``event_dir`` (length, crc, data, crc).
+
+    A record cut short (a process killed while writing) ends the file's events.
+    """
     events = []
     for path in sorted(event_dir.glob("events.out.tfevents.*")):
         data, pos = path.read_bytes(), 0
-        while pos < len(data):
+        while pos + 8 <= len(data):
             (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            if pos + 12 + length + 4 > len(data):
+                break
             events.append(Event.FromString(data[pos + 12 : pos + 12 + length]))
             pos += 12 + length + 4
     return events

@@ -12,11 +12,10 @@ from formerkit.tokenizers import train_bpe
 TEXT = "".join(f"def function_{i}(value):\n    return value + {i}\n\nclass Thing{i}:\n    pass\n" for i in range(60))
 
 
-def setup_module(module):
-    module.TOK = train_bpe([TEXT], 400)
-    torch.manual_seed(0)
-    module.MODEL = fk.Transformer(fk.ModelConfig.from_preset("gpt2", n_layers=2, d_model=32, n_heads=4, d_ff=64,
-                                                            vocab_size=TOK.vocab_size, max_seq_len=64)).eval()
+TOK = train_bpe([TEXT], 400)
+torch.manual_seed(0)
+MODEL = fk.Transformer(fk.ModelConfig.from_preset("gpt2", n_layers=2, d_model=32, n_heads=4, d_ff=64,
+                                                 vocab_size=TOK.vocab_size, max_seq_len=64)).eval()
 
 
 def test_a_trailing_space_is_taken_back_and_constrains_the_first_token():
