@@ -20,11 +20,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from formerkit.hardware import describe_machine
 from formerkit.train import TrainConfig, train
 
 CONFIG = Path(__file__).with_name("demo.yaml")
+# what the candidates vary: the earlier demo recipe (a ~10M GPT-2, batch 16, lr 2e-3, 8192 BPE tokens)
+BASE = {"model": {"preset": "gpt2", "n_layers": 6, "d_model": 320, "n_heads": 5, "d_ff": 1280, "max_seq_len": 256,
+                  "attn_dropout": 0.0, "resid_dropout": 0.0, "embed_dropout": 0.0},
+        "data": {"tokenizer": "bpe", "vocab_size": 8192},
+        "train": {"batch_size": 16, "seq_len": 256},
+        "optim": {"lr": 2.0e-3},
+        "eval": {"batches": 8},
+        "log": {"every": 5, "samples": 8, "sample_tokens": 160}}
 
 D192 = ["--model.n_layers", "4", "--model.d_model", "192", "--model.n_heads", "3", "--model.d_ff", "768",
         "--data.vocab_size", "4096"]
@@ -61,6 +70,7 @@ CANDIDATES = {  # name: overrides of examples/demo.yaml
     "llama-d192-L4-v4096-lr4e-3-B4": [*LLAMA_D192, "--optim.lr", "4e-3", "--train.batch_size", "4"],
     "llama-d192-L4-v4096-lr3e-3-B8": [*LLAMA_D192, "--optim.lr", "3e-3", "--train.batch_size", "8"],
     "llama-d128-L4-v4096-lr4e-3-B8": [*LLAMA_D128, "--optim.lr", "4e-3", "--train.batch_size", "8"],
+    "demo.yaml": [],  # the chosen recipe itself (examples/demo.yaml, not the base above)
     "llama-d256-L4-v4096-lr4e-3-B8": [*LLAMA_D192, "--model.d_model", "256", "--model.n_heads", "4",
                                       "--model.n_kv_heads", "4", "--model.d_ff", "688", "--optim.lr", "4e-3",
                                       "--train.batch_size", "8"],
@@ -68,8 +78,8 @@ CANDIDATES = {  # name: overrides of examples/demo.yaml
 }
 
 
-def step_seconds(cfg: TrainConfig, vocab_size: int, steps: int = 3) -> float:
-    """Median seconds of a forward + backward + AdamW step of the candidate's model on random ids."""
+def step_seconds(cfg: TrainConfig, vocab_size: int, steps: int = 5) -> float:
+    """Median seconds of a forward + backward + AdamW step of the candidate's model on random ids (after two)."""
     from formerkit.model import Transformer
     from formerkit.train.optim import build_optimizer
 
@@ -77,25 +87,30 @@ def step_seconds(cfg: TrainConfig, vocab_size: int, steps: int = 3) -> float:
     optimizer = build_optimizer(model, cfg.optim)
     x = torch.randint(0, vocab_size, (cfg.train.batch_size, cfg.train.seq_len))
     times = []
-    for _ in range(steps + 1):
+    for _ in range(steps + 2):
         start = time.perf_counter()
         loss = F.cross_entropy(model(x).logits.flatten(0, 1), x.flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    return sorted(times[2:])[len(times[2:]) // 2]
 
 
 def run(name: str, overrides: list[str], minutes: float, runs_dir: Path) -> dict:
     """Train one candidate for ``minutes`` of steps; return its summary and speed."""
+    config = CONFIG
+    if name != "demo.yaml":
+        config = runs_dir / "base.yaml"
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        config.write_text(yaml.safe_dump(BASE))
     base = [*overrides, "--checkpoint.run_dir", str(runs_dir / name), "--checkpoint.resume", "false",
             "--log.progress", "false"]
-    probe = TrainConfig.load(CONFIG, base)
+    probe = TrainConfig.load(config, base)
     seconds = step_seconds(probe, probe.data.vocab_size)
     steps = max(20, int(minutes * 60 / seconds))
     warmup = max(5, steps // 10)
-    cfg = TrainConfig.load(CONFIG, [*base, "--train.steps", str(steps), "--optim.warmup_steps", str(warmup),
+    cfg = TrainConfig.load(config, [*base, "--train.steps", str(steps), "--optim.warmup_steps", str(warmup),
                                     "--eval.every", str(steps), "--checkpoint.every", str(steps),
                                     "--train.max_minutes", str(minutes * 2)])
     start = time.perf_counter()

@@ -46,10 +46,15 @@ def test_example_configs_load(name):
 
 def test_demo_sweep_candidates_are_valid_run_configs(tmp_path):
     sweep = load_script("examples/demo_sweep.py")
+    import yaml
+
     from formerkit.train import TrainConfig
 
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(sweep.BASE))
     for name, overrides in sweep.CANDIDATES.items():
-        cfg = TrainConfig.load(sweep.CONFIG, [*overrides, "--checkpoint.run_dir", str(tmp_path / name)])
+        config = sweep.CONFIG if name == "demo.yaml" else base
+        cfg = TrainConfig.load(config, [*overrides, "--checkpoint.run_dir", str(tmp_path / name)])
         assert cfg.model_config(cfg.data.vocab_size).n_layers >= 2
     tiny = TrainConfig.load(sweep.CONFIG, ["--model.n_layers", "1", "--model.d_model", "32", "--model.n_heads", "2",
                                            "--model.d_ff", "64", "--train.batch_size", "2", "--train.seq_len", "16"])
