@@ -35,16 +35,17 @@ def sample_prompts(source: TextSource | None, count: int) -> list[str]:
 
 def draw_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
                  autocast) -> list[str]:
-    """Sample a continuation of every prompt in one batch (temperature 0.8, top-k 50, token healing), no end-of-text.
+    """Sample a continuation of every prompt in one batch, ignoring end-of-text; return prompt + continuation each.
 
-    Each sample has exactly ``max_new_tokens`` new tokens (capped so prompt and sample fit the
-    model's context). Returns prompt + continuation per prompt.
+    min-p sampling (temperature 1, tokens below a tenth of the most likely one's probability
+    left out) with token healing. Each sample has exactly ``max_new_tokens`` new tokens (capped
+    so prompt and sample fit the model's context).
     """
     longest = max(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts)
     new_tokens = max(0, min(max_new_tokens, model.config.max_seq_len - max(longest, 1)))
     model.eval()
     with torch.no_grad(), autocast():
-        return generate_text(model, tokenizer, prompts, max_new_tokens=new_tokens, temperature=0.8, top_k=50,
+        return generate_text(model, tokenizer, prompts, max_new_tokens=new_tokens, temperature=1.0, min_p=0.1,
                              seed=seed, eos_token_id=[], heal=True)
 
 
