@@ -53,6 +53,8 @@ def transformers_messages() -> Iterator[list[str]]:
 
     handler = Collect(logging.WARNING)
     logger = logging.getLogger("transformers")  # transformers' root logger does not propagate to the root
+    level = logger.level  # other test modules silence transformers; this block needs its warnings
+    logger.setLevel(logging.WARNING)
     logger.addHandler(handler)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -61,6 +63,7 @@ def transformers_messages() -> Iterator[list[str]]:
         messages.extend(str(w.message) for w in caught)
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def id_warnings(messages: list[str]) -> list[str]:

@@ -68,9 +68,9 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path):
     _run(_args(tmp_path, "single", 6), 1)
     _run(_args(tmp_path, "fsdp", 6, "--train.fsdp", "true"), 2)
     _assert_same_run(tmp_path / "single", tmp_path / "fsdp")
-    # resume both to 9 steps: the sharded optimizer state round-trips through the checkpoint
-    _run(_args(tmp_path, "single", 9), 1)
-    assert "resuming" in _run(_args(tmp_path, "fsdp", 9, "--train.fsdp", "true"), 2)
+    # resume both to 9 steps under a new schedule: the sharded optimizer state round-trips through the checkpoint
+    _run(_args(tmp_path, "single", 9, "--optim.schedule_restart", "true"), 1)
+    assert "resuming" in _run(_args(tmp_path, "fsdp", 9, "--train.fsdp", "true", "--optim.schedule_restart", "true"), 2)
     _assert_same_run(tmp_path / "single", tmp_path / "fsdp")
 
 

@@ -106,12 +106,12 @@ def test_a_classify_run_records_its_label_names(tmp_path, labels, extra, names):
     data.write_text("".join(json.dumps({"text": f"text {i}", "label": label}) + "\n"
                             for i, label in enumerate(labels * 4)))
     cfg = _run_config(tmp_path, "--train.objective", "classify", "--data.source", str(data), *extra)
-    _, model_cfg = build_objective(cfg, fk.ByteTokenizer(), None, INFO)
+    _, model_cfg, _ = build_objective(cfg, fk.ByteTokenizer(), None, INFO)
     assert model_cfg.label_names == names and model_cfg.num_labels == len(names)
 
 
 def test_an_image_classify_run_records_its_label_names(tmp_path):
     cfg = _run_config(tmp_path, "--train.objective", "image-classify", "--data.source", "digits",
                       "--model.preset", "vit-digits")
-    _, model_cfg = build_objective(cfg, None, None, INFO)
+    _, model_cfg, _ = build_objective(cfg, None, None, INFO)
     assert model_cfg.label_names == [str(i) for i in range(10)]

@@ -136,7 +136,7 @@ def test_load_matches_transformers(reference):
     # eager attention (explicit probabilities, relative bias added to the scores) agrees with sdpa
     eager = fk.Transformer(ours.config.replace(attn_backend="eager")).eval()
     eager.load_state_dict(ours.state_dict())
-    assert (_ours(eager, src, src_mask, tgt, tgt_mask).logits - out.logits)[valid].abs().max() < 1e-5
+    assert (_ours(eager, src, src_mask, tgt, tgt_mask).logits - out.logits)[valid].abs().max() < 5e-5
 
 
 def test_config_reads_the_family(reference):

@@ -171,10 +171,10 @@ def test_npz_run_learns_and_reports(tmp_path):
 
 def test_tiny_vit_learns_digits_and_writes_the_confusion_matrix(tmp_path):
     threads = torch.get_num_threads()
-    result = train(config(tmp_path, "digits", steps=300))
+    result = train(config(tmp_path, "digits", steps=600))  # 0.85-0.96 over seeds 0-3; 300 steps gave 0.52-0.90
     run = tmp_path / "run"
-    assert result.test["accuracy"] > 0.6  # chance is 0.1
-    assert result.val["accuracy"] > 0.6
+    assert result.test["accuracy"] > 0.7  # chance is 0.1
+    assert result.val["accuracy"] > 0.7
     assert (run / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = json.loads((run / "test_metrics.json").read_text())
     matrix = torch.tensor(record["confusion_matrix"])
