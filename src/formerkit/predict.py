@@ -289,7 +289,8 @@ def add_predict_command(subparsers: argparse._SubParsersAction) -> argparse.Argu
     p.add_argument("--json", action="store_true", help="print one JSON object per text")
     p.add_argument("--top-k", type=int, default=5,
                    help="fills shown per mask (masked LM); labels shown per text (classifier, without --json)")
-    p.add_argument("--input", metavar="FILE.jsonl", help="read the texts from a JSONL file, one record per line (default: the TEXT arguments, "
+    p.add_argument("--input", metavar="FILE.jsonl",
+                   help="read the texts from a JSONL file, one record per line (default: the TEXT arguments, "
                         "else standard input)")
     p.add_argument("--text-field", default="text", help="the field of --input records holding the text")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
