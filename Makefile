@@ -20,7 +20,8 @@ test: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest -q -ra
 
-# The main job: train a ~10M-parameter GPT on the embedded corpus (a few minutes), sample from it.
+# The main job: train a small Llama-style model on the embedded corpus (about 8 minutes on 2 cores), then
+# sample Python from it (examples/demo.yaml; docs/training.md explains the recipe).
 # Running it again resumes the run in runs/demo (or, once finished, evaluates and samples again).
 demo: $(VENV)/.installed
 	$(VENV)/bin/formerkit train --config examples/demo.yaml

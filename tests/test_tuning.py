@@ -66,6 +66,24 @@ def test_adamw_kernels_give_the_same_update():
     assert choice.chosen in ("fused", "foreach") and set(choice.seconds) == {"foreach", "fused"}
 
 
+@pytest.mark.parametrize("saved_kernel, kernel", [("foreach", "fused"), ("fused", "foreach")])
+def test_a_resume_that_switches_the_adamw_kernel_steps_under_a_gradient_scaler(saved_kernel, kernel):
+    from formerkit.train.parallel import load_optimizer_state, optimizer_state
+
+    model = tiny()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    first = build_optimizer(model, OptimSection(), saved_kernel)
+    model(ids, labels=ids).loss.backward()
+    first.step()
+    resumed = build_optimizer(model, OptimSection(lr=1e-3), kernel)
+    load_optimizer_state(model, resumed, optimizer_state(model, first))
+    assert all(group[kernel] is True and group["lr"] == first.param_groups[0]["lr"] for group in resumed.param_groups)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(ids, labels=ids).loss).backward()
+    scaler.step(resumed)  # the scaler checks the kernel the optimizer was built with
+    assert all(int(s["step"]) == 2 for s in resumed.state.values())
+
+
 @pytest.mark.slow
 def test_a_resumed_run_keeps_its_choices(tmp_path, monkeypatch):
     from formerkit.train import train

@@ -123,14 +123,21 @@ def optimizer_state(model: Transformer, optimizer: torch.optim.Optimizer) -> dic
     return {"state": state, "groups": groups}
 
 
+KERNEL_SETTINGS = ("fused", "foreach", "capturable", "differentiable")  # how a step runs, not what it computes
+
+
 def load_optimizer_state(model: Transformer, optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """Restore what ``optimizer_state`` saved, sharding it again where the parameters are sharded."""
+    """Restore what ``optimizer_state`` saved, sharding it again where the parameters are sharded.
+
+    The hyperparameters come back; the kernel settings stay the ones ``optimizer`` was built with (a
+    resumed run may measure another AdamW kernel faster, and a gradient scaler checks the built one).
+    """
     params = dict(model.named_parameters())
     for name, values in saved["state"].items():
         param = params[name]
         optimizer.state[param] = {k: _placed_like(v, param) for k, v in values.items()}
     for group, settings in zip(optimizer.param_groups, saved["groups"], strict=True):
-        group.update(settings)
+        group.update({k: v for k, v in settings.items() if k not in KERNEL_SETTINGS})
 
 
 def full_model(model: Transformer, info: DistInfo, cfg: TrainConfig) -> Transformer:
