@@ -30,6 +30,29 @@ def test_info_applies_overrides_and_counts_parameters(capsys):
     assert int(count.replace(",", "")) == fk.Transformer(cfg).num_parameters()
 
 
+@pytest.mark.parametrize("value, expected", [
+    ("false", False), ("False", False), ("true", True),  # YAML's booleans, as `formerkit train` reads them
+])
+def test_info_reads_values_the_way_train_does(capsys, value, expected):
+    from formerkit.train import TrainConfig
+
+    sizes = ["n_layers=1", "d_model=32", "n_heads=2", "init_std=2e-2", "label_names=[neg, pos]", "num_labels=2"]
+    args = ["info", "--preset", "gpt2", "--set", f"tie_embeddings={value}"]
+    for pair in sizes:
+        args += ["--set", pair]
+    assert main(args) == 0
+    cfg = fk.ModelConfig.from_json(capsys.readouterr().out.rsplit("parameters: ", 1)[0])
+    assert cfg.tie_embeddings is expected and cfg.init_std == 0.02 and cfg.label_names == ["neg", "pos"]
+    assert cfg.d_ff == 128  # the preset's 4 x d_model
+    train_args = ["--model.preset", "gpt2", "--model.tie_embeddings", value]
+    for pair in sizes:
+        key, item = pair.split("=")
+        train_args += [f"--model.{key}", item]
+    assert TrainConfig.load(None, train_args).model_config(vocab_size=cfg.vocab_size) == cfg
+    assert main(["info", "--preset", "gpt2", "--set", "tie_embeddings=maybe"]) == 2
+    assert "tie_embeddings must be true or false" in capsys.readouterr().err
+
+
 def test_info_reports_config_errors(capsys):
     assert main(["info", "--preset", "gpt2", "--set", "n_layer=2"]) == 2
     assert 'did you mean "n_layers"' in capsys.readouterr().err

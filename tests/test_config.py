@@ -278,3 +278,19 @@ def test_derived_properties_explicit():
     assert cfg.decoder_layers == 3
     assert cfg.rotary_dim == 6
     assert small(d_head=16, rotary_fraction=0.25, position="rope").rotary_dim == 4
+
+
+@pytest.mark.parametrize("preset, d_model, d_ff", [("gpt2", 384, 1536), ("bert-base", 192, 768), ("llama", 256, 688),
+                                                    ("t5-small", 256, 1024)])
+def test_overriding_d_model_scales_d_ff_with_the_preset(preset, d_model, d_ff):
+    assert fk.ModelConfig.from_preset(preset, d_model=d_model).d_ff == d_ff
+    assert fk.ModelConfig.from_preset(preset, d_model=d_model, d_ff=100).d_ff == 100  # an explicit d_ff wins
+    assert fk.ModelConfig.from_preset(preset).d_ff == PRESETS[preset]["d_ff"]
+
+
+def test_scaled_gpt2_matches_transformers_default_inner_size():
+    from transformers import GPT2Config
+
+    ours = fk.ModelConfig.from_preset("gpt2", d_model=384, n_heads=6)
+    theirs = GPT2Config(n_embd=384, n_head=6)  # n_inner=None: 4 * n_embd
+    assert ours.d_ff == (theirs.n_inner or 4 * theirs.n_embd)

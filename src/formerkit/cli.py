@@ -14,6 +14,7 @@ import formerkit as fk
 from formerkit.cliargs import console_warnings, non_negative_int, positive_int, use_help_formatter
 from formerkit.errors import FormerkitError, InputError
 from formerkit.presets import PRESETS
+from formerkit.train.config import parse_overrides
 
 DEMO_SENTENCES = [
     "A man is playing a guitar.",
@@ -26,21 +27,15 @@ DEMO_SENTENCES = [
 ]
 
 
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def _overrides(pairs: list[str]) -> dict:
-    out = {}
+    """``--set key=value`` pairs as ModelConfig fields, read as ``formerkit train --model.key value`` reads them."""
+    args = []
     for pair in pairs:
         if "=" not in pair:
             raise InputError(f'--set expects key=value, got "{pair}"')
         key, value = pair.split("=", 1)
-        out[key.strip()] = _parse_value(value.strip())
-    return out
+        args += [f"--model.{key.strip()}", value.strip()]
+    return {key.removeprefix("model."): value for key, value in parse_overrides(args).items()}
 
 
 def cmd_presets(args: argparse.Namespace) -> None:

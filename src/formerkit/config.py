@@ -26,6 +26,11 @@ Pooling = Literal["mean", "cls", "last", "max"]
 AttnBackend = Literal["sdpa", "eager"]
 
 
+def scaled_d_ff(d_ff: int, d_model: int, new_d_model: int) -> int:
+    """The feed-forward width at ``new_d_model`` that keeps the ratio ``d_ff / d_model`` (at least 1)."""
+    return max(1, round(d_ff * new_d_model / d_model))
+
+
 @dataclass
 class ModelConfig:
     """The architecture and sizes of one Transformer.
@@ -149,7 +154,11 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        """Build a named preset (see ``formerkit.presets.PRESETS``), with fields overridden."""
+        """Build a named preset (see ``formerkit.presets.PRESETS``), with fields overridden.
+
+        When ``d_model`` is overridden and ``d_ff`` is not, ``d_ff`` keeps the preset's ratio to
+        ``d_model`` (``gpt2`` at ``d_model=384`` gets ``d_ff=1536``, as transformers' GPT-2 config does).
+        """
         from formerkit.presets import PRESETS
 
         if name not in PRESETS:
@@ -157,7 +166,11 @@ class ModelConfig:
                 f'unknown preset "{name}"{did_you_mean(name, PRESETS)}; '
                 f"available presets: {', '.join(sorted(PRESETS))}"
             )
-        return cls.from_dict({**PRESETS[name], **overrides})
+        preset = PRESETS[name]
+        if "d_model" in overrides and "d_ff" not in overrides and isinstance(overrides["d_model"], int) \
+                and not isinstance(overrides["d_model"], bool) and overrides["d_model"] > 0:
+            overrides = {**overrides, "d_ff": scaled_d_ff(preset["d_ff"], preset["d_model"], overrides["d_model"])}
+        return cls.from_dict({**preset, **overrides})
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> ModelConfig:
