@@ -42,8 +42,10 @@ class BeamOutput:
 
 def _eos_ids(eos_token_id: int | Sequence[int] | None, vocab_size: int, device: torch.device) -> torch.Tensor:
     """The end-of-sequence ids as a (n_eos,) tensor, checked against the vocabulary."""
-    ids = [] if eos_token_id is None else list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) \
-        else [eos_token_id]
+    if eos_token_id is None:
+        ids = []
+    else:
+        ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
     if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
         raise InputError(f"eos_token_id must be token ids in [0, {vocab_size}), got {eos_token_id!r}")
     return torch.tensor(ids, dtype=torch.long, device=device)
@@ -58,8 +60,8 @@ def _check_args(model: Transformer, input_ids: torch.Tensor, attention_mask: tor
                         ("max_new_tokens", max_new_tokens)]:
         if isinstance(value, bool) or not isinstance(value, int):
             raise InputError(f"{name} must be an integer, got {value!r}")
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
-            or not math.isfinite(length_penalty):
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) or \
+            not math.isfinite(length_penalty):
         raise InputError(f"length_penalty must be a finite number, got {length_penalty!r}")
     for name, value in [("pad_token_id", pad_token_id), ("decoder_start_token_id", decoder_start_token_id)]:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
