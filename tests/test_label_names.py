@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import formerkit as fk
+from conftest import require
 from formerkit.errors import ConfigError
 from formerkit.train import TrainConfig
 from formerkit.train.distributed import DistInfo
@@ -71,7 +72,7 @@ def test_vit_classifier_names_round_trip():
 
 @pytest.mark.slow
 def test_transformers_reads_the_names_of_a_saved_hf_dir(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     cfg = fk.ModelConfig(**BERT, num_labels=3, label_names=["neg", "neutral", "pos"])
     fk.save_pretrained(fk.Transformer(cfg), tmp_path, format="hf")
     auto = transformers.AutoConfig.from_pretrained(tmp_path)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import formerkit as fk
+from conftest import reinit_for_parity, require
 from formerkit.cli import main
 from formerkit.errors import CheckpointError, InputError
 from formerkit.train import TrainConfig, train
@@ -116,7 +117,7 @@ def test_a_classifier_without_names_labels_by_index(tmp_path, capsys):
 
 def _bert_mlm_dir(path: Path) -> Path:
     """A randomly initialised transformers BertForMaskedLM with a word-level [MASK] tokenizer, saved to ``path``."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
@@ -126,8 +127,8 @@ def _bert_mlm_dir(path: Path) -> Path:
     tok.add_special_tokens(WORDS[:5])
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=32, initializer_range=0.3)
-    transformers.BertForMaskedLM(config).eval().save_pretrained(path)
+                                     intermediate_size=64, max_position_embeddings=32)
+    reinit_for_parity(transformers.BertForMaskedLM(config)).eval().save_pretrained(path)
     tok.save(str(path / "tokenizer.json"))
     specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
                 "mask_token": "[MASK]"}
@@ -138,7 +139,7 @@ def _bert_mlm_dir(path: Path) -> Path:
 
 @pytest.mark.slow
 def test_fill_mask_matches_transformers(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     path = _bert_mlm_dir(tmp_path / "bert")
     texts = ["the cat sat on the [MASK] .", "a [MASK] dog ran in the [MASK]", "[MASK] cat"]
     ours = fk.fill_mask(fk.from_pretrained(path), fk.load_tokenizer(path), texts, top_k=4, batch_size=2)

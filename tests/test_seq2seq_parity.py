@@ -1,9 +1,11 @@
 """BART and T5: parity with transformers on tiny random-init encoder-decoder checkpoints.
 
-Each reference model is saved with ``save_pretrained`` and loaded by formerkit. Logits agree
-to 1e-4 in float32 with padded sources and padded decoder inputs; formerkit -> HF dir ->
-transformers reproduces them; cached decoding equals full recomputation; greedy ``generate``
-and ``beam_search`` return what transformers' ``generate`` returns (sequences and scores).
+Each reference model is re-initialised with ``reinit_for_parity`` (std 0.3, random biases and
+norm weights), saved with ``save_pretrained`` and loaded by formerkit. Logits agree within
+``PARITY_TOL`` of their magnitude in float32 with padded sources and padded decoder inputs, and a
+swapped GELU fails that comparison (the mutant check); formerkit -> HF dir -> transformers
+reproduces them; cached decoding equals full recomputation; greedy ``generate`` and
+``beam_search`` return what transformers' ``generate`` returns (sequences and scores).
 """
 
 from __future__ import annotations
@@ -16,26 +18,28 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import formerkit as fk
+from conftest import PARITY_TOL, parity_error, reinit_for_parity, require
 from formerkit.cache import KVCache
 from formerkit.checkpoints import tied_names
 from formerkit.checkpoints.hf import state_from_hf, state_to_hf
 from formerkit.checkpoints.hf_config import family_of
 from formerkit.checkpoints.hf_maps import expand, table_name
 from formerkit.generate.beam import beam_search
+from formerkit.layers.feedforward import ACTIVATIONS
 from formerkit.layers.position import relative_bucket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 transformers.logging.set_verbosity_error()
 
-VOCAB, TOL, NEW = 96, 1e-4, 8
+VOCAB, TOL, NEW = 96, 1e-4, 8  # TOL: formerkit against itself (cached = recomputed)
 
 
 def _bart(cls=None, **kw):
     cfg = transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=1,
                                   encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
                                   decoder_ffn_dim=48, max_position_embeddings=40, forced_eos_token_id=None, **kw)
-    model = (cls or transformers.BartForConditionalGeneration)(cfg)
+    model = reinit_for_parity((cls or transformers.BartForConditionalGeneration)(cfg))
     if hasattr(model, "final_logits_bias"):
         model.final_logits_bias.normal_(0.0, 0.5)  # zeros at init: make it matter
     return model
@@ -54,7 +58,7 @@ def _t5(cls=None, **kw):
     sizes = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3, num_heads=4,
                  relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0)
     cfg = transformers.T5Config(**{**sizes, **kw})
-    return (cls or transformers.T5ForConditionalGeneration)(cfg)
+    return reinit_for_parity((cls or transformers.T5ForConditionalGeneration)(cfg))
 
 
 REFERENCES = {
@@ -119,24 +123,43 @@ def _ours(model, src, src_mask, tgt, tgt_mask):
         return model(src, src_mask, decoder_input_ids=tgt, decoder_attention_mask=tgt_mask)
 
 
+def _errors(ours, hf, batch) -> list[float]:
+    """parity_error of formerkit's encoder output, decoder output and logits against transformers', at real tokens."""
+    src, src_mask, tgt, tgt_mask = batch
+    logits, decoder, encoder = _reference(hf, *batch)
+    out = _ours(ours, *batch)
+    valid = tgt_mask.bool()
+    errors = [parity_error(out.encoder_hidden_states, encoder, src_mask.bool()),
+              parity_error(out.hidden_states, decoder, valid)]
+    if logits is not None:
+        errors.append(parity_error(out.logits, logits, valid))
+        assert logits.abs().max() > 1.0  # the comparison is not between two near-zeros
+    return errors
+
+
 def test_load_matches_transformers(reference):
     name, hf, path = reference
     ours = fk.from_pretrained(path)
-    src, src_mask, tgt, tgt_mask = _batch()
-    logits, decoder, encoder = _reference(hf, src, src_mask, tgt, tgt_mask)
-    out = _ours(ours, src, src_mask, tgt, tgt_mask)
-    valid, src_valid = tgt_mask.bool(), src_mask.bool()
-    assert (out.encoder_hidden_states - encoder)[src_valid].abs().max() < TOL
-    assert (out.hidden_states - decoder)[valid].abs().max() < TOL
-    if logits is None:
-        assert ours.lm_head is None
+    batch = _batch()
+    assert max(_errors(ours, hf, batch)) < PARITY_TOL
+    if ours.lm_head is None:
+        assert "base-model" in name
         return
-    assert (out.logits - logits)[valid].abs().max() < TOL
-    assert logits.abs().max() > 1e-2  # the comparison is not between two zeros
     # eager attention (explicit probabilities, relative bias added to the scores) agrees with sdpa
     eager = fk.Transformer(ours.config.replace(attn_backend="eager")).eval()
     eager.load_state_dict(ours.state_dict())
-    assert (_ours(eager, src, src_mask, tgt, tgt_mask).logits - out.logits)[valid].abs().max() < 5e-5
+    assert parity_error(_ours(eager, *batch).logits, _ours(ours, *batch).logits, batch[3].bool()) < PARITY_TOL
+
+
+@pytest.mark.parametrize("name, real, other", [("bart", "gelu", "gelu_tanh"), ("t5-v1.1", "gelu_tanh", "gelu")])
+def test_a_swapped_activation_fails_the_parity_check(name, real, other, tmp_path, monkeypatch):
+    """The mutant check: formerkit built with the other GELU fails test_load_matches_transformers' comparison."""
+    torch.manual_seed(0)
+    hf = REFERENCES[name]().eval()
+    hf.save_pretrained(tmp_path)
+    monkeypatch.setitem(ACTIVATIONS, real, ACTIVATIONS[other])
+    errors = _errors(fk.from_pretrained(tmp_path), hf, _batch())
+    assert errors[0] > 3 * PARITY_TOL and errors[-1] > 3 * PARITY_TOL  # the encoder already, and the logits
 
 
 def test_config_reads_the_family(reference):
@@ -166,7 +189,7 @@ def test_round_trip_through_hf_dir(reference, tmp_path):
     valid = batch[3].bool()
     for a, b in zip(expected[:2], again[:2], strict=True):
         if a is not None:
-            assert (a - b)[valid].abs().max() < TOL
+            assert parity_error(b, a, valid) < PARITY_TOL
     assert fk.from_pretrained(tmp_path).config == ours.config
 
 

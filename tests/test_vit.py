@@ -9,13 +9,14 @@ import pytest
 import torch
 
 import formerkit as fk
+from conftest import PARITY_TOL, parity_error, reinit_for_parity, require
 from formerkit.checkpoints import tied_names
 from formerkit.checkpoints.hf import state_from_hf, state_to_hf
 from formerkit.checkpoints.hf_maps import expand
 from formerkit.heads import pool
+from formerkit.layers.feedforward import ACTIVATIONS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-TOL = 1e-4
 
 
 def _tiny(**kw) -> fk.Transformer:
@@ -196,29 +197,32 @@ def test_from_hf_rejects_what_it_cannot_express(hf, fragment):
 
 
 class TestParity:
-    """formerkit and transformers agree on the same weights, read in either direction."""
+    """formerkit and transformers agree on the same weights, read in either direction.
 
-    transformers = pytest.importorskip("transformers")
+    The weights are re-initialised with ``reinit_for_parity`` (std 0.3) so that the comparison can
+    fail; ``test_a_swapped_activation_fails_the_parity_check`` shows that it does.
+    """
+
+    @pytest.fixture(autouse=True)
+    def _transformers(self):
+        self.transformers = require("transformers")
+        self.transformers.logging.set_verbosity_error()
 
     def _reference(self, cls, **kw):
-        tr = self.transformers
-        tr.logging.set_verbosity_error()
         torch.manual_seed(0)
-        cfg = tr.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                           image_size=8, patch_size=2, num_channels=3, **kw)
-        return cls(cfg).eval()
+        cfg = self.transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=48, image_size=8, patch_size=2, num_channels=3, **kw)
+        return reinit_for_parity(cls(cfg)).eval()
 
-    def _check(self, reference, ours, x):
+    def _errors(self, reference, ours, x) -> list[float]:
+        """parity_error of formerkit's outputs (hidden states and pooled, or logits) against the reference's."""
         with torch.no_grad():
             ref = reference(pixel_values=x, output_hidden_states=True)
             out = ours(pixel_values=x)
-        ref_hidden = ref.last_hidden_state if hasattr(ref, "last_hidden_state") else None
-        if ref_hidden is not None:
-            assert (out.hidden_states - ref_hidden).abs().max() < TOL
-            assert (out.pooled - ref.pooler_output).abs().max() < TOL
-        else:
-            assert (out.logits - ref.logits).abs().max() < TOL
-            assert ref.logits.abs().max() > 1e-3
+        if hasattr(ref, "last_hidden_state"):
+            return [parity_error(out.hidden_states, ref.last_hidden_state), parity_error(out.pooled, ref.pooler_output)]
+        assert ref.logits.abs().max() > 1.0  # the comparison is not between two near-zeros
+        return [parity_error(out.logits, ref.logits)]
 
     @pytest.mark.parametrize("kw", [{"num_labels": 5}, {"num_labels": 3, "qkv_bias": False, "hidden_act": "relu",
                                                          "layer_norm_eps": 1e-6}])
@@ -227,20 +231,28 @@ class TestParity:
         reference.save_pretrained(tmp_path)
         ours = fk.from_pretrained(tmp_path)
         assert ours.config.patch_size == 2 and ours.config.num_labels == kw["num_labels"]
-        self._check(reference, ours, _pixels(ours.config, batch=4))
+        assert max(self._errors(reference, ours, _pixels(ours.config, batch=4))) < PARITY_TOL
 
     def test_base_model_with_pooler_loads_from_transformers(self, tmp_path):
         reference = self._reference(self.transformers.ViTModel)
         reference.save_pretrained(tmp_path)
         ours = fk.from_pretrained(tmp_path)
         assert ours.config.head == "none" and ours.config.pooler
-        self._check(reference, ours, _pixels(ours.config, batch=2))
+        assert max(self._errors(reference, ours, _pixels(ours.config, batch=2))) < PARITY_TOL
+
+    def test_a_swapped_activation_fails_the_parity_check(self, tmp_path, monkeypatch):
+        """The mutant check: formerkit with the tanh approximation for ViT's exact GELU fails the comparison."""
+        reference = self._reference(self.transformers.ViTForImageClassification, num_labels=5)
+        reference.save_pretrained(tmp_path)
+        monkeypatch.setitem(ACTIVATIONS, "gelu", ACTIVATIONS["gelu_tanh"])
+        mutant = fk.from_pretrained(tmp_path)
+        assert min(self._errors(reference, mutant, _pixels(mutant.config, batch=4))) > 3 * PARITY_TOL
 
     @pytest.mark.parametrize("head", ["classifier", "none"])
     def test_formerkit_model_loads_in_transformers(self, head, tmp_path):
-        ours = _tiny(head=head, pooler=head == "none", num_labels=5 if head == "classifier" else 2)
+        ours = reinit_for_parity(_tiny(head=head, pooler=head == "none", num_labels=5 if head == "classifier" else 2))
         fk.save_pretrained(ours, tmp_path, format="hf")
         cls = self.transformers.ViTForImageClassification if head == "classifier" else self.transformers.ViTModel
         reference = cls.from_pretrained(tmp_path).eval()
-        self._check(reference, ours, _pixels(ours.config, seed=1))
+        assert max(self._errors(reference, ours, _pixels(ours.config, seed=1))) < PARITY_TOL
         assert fk.from_pretrained(tmp_path).config == ours.config.replace(vocab_size=1)

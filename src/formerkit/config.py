@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -249,9 +250,13 @@ def _validate(cfg: ModelConfig) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be finite, got {value!r}")
     scale = cfg.attn_scale
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
         raise ConfigError(f"attn_scale must be a number or null, got {cfg.attn_scale!r}")
+    if scale is not None and not math.isfinite(scale):
+        raise ConfigError(f"attn_scale must be finite, got {scale!r}")
     for name in ["attn_dropout", "resid_dropout", "embed_dropout"]:
         value = getattr(cfg, name)
         if not 0.0 <= value < 1.0:

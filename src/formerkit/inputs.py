@@ -97,6 +97,18 @@ def check_labels(
             )
 
 
+def check_targets(labels: torch.Tensor, causal: bool) -> None:
+    """Require a position to predict: a label other than -100 (for a causal LM, after the shift by one).
+
+    Cross-entropy over no targets is NaN; an InputError says why instead.
+    """
+    if torch.compiler.is_compiling() or bool((labels != -100).any()):
+        return
+    shift = " after the shift by one of a causal LM (a one-token sequence has no next token)" if causal else ""
+    raise InputError(f"labels leave no position to predict: every label is -100{shift}; give at least one real "
+                     "target, or call the model without labels")
+
+
 def check_token_types(token_type_ids: torch.Tensor, ids: torch.Tensor, cfg: ModelConfig) -> None:
     """Require segment ids shaped like ``ids`` with values below type_vocab_size."""
     if cfg.type_vocab_size == 0:

@@ -32,6 +32,7 @@ from formerkit.inputs import (
     check_mask,
     check_pixel_values,
     check_positions,
+    check_targets,
     check_token_types,
 )
 from formerkit.layers.block import Block
@@ -317,6 +318,7 @@ class Transformer(nn.Module):
                 check_labels(labels, tuple(logits.shape[:2]), "a language-model head",
                              num_classes=cfg.vocab_size, integer=True)
                 causal = cfg.kind == "decoder"
+                check_targets(labels[:, 1:] if causal else labels, causal)
                 loss = causal_lm_loss(logits, labels) if causal else token_loss(logits, labels)
         elif self.classifier is not None:
             if pooled is None:

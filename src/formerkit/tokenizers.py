@@ -8,6 +8,7 @@ checkpoint; ``build_tokenizer`` makes one from a kind name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -74,7 +75,7 @@ def _check_texts(texts: object) -> None:
 
 
 def _check_max_length(max_length: object, needed: int = 1) -> None:
-    if not isinstance(max_length, int) or max_length < needed:
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < needed:
         raise InputError(f"max_length must be an integer >= {needed}, got {max_length!r}")
 
 
@@ -91,6 +92,29 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
 
 def _as_list(ids: list[int] | torch.Tensor) -> list[int]:
     return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+
+
+def _integer_ids(ids: list[int] | torch.Tensor) -> list[int]:
+    """``ids`` as a list of Python ints, or an InputError for anything else (floats, strings, nested lists)."""
+    try:
+        return [operator.index(i) for i in _as_list(ids)]
+    except TypeError as err:
+        raise InputError(f"decode expects integer ids: {err}") from err
+
+
+@contextlib.contextmanager
+def _unicode_checked(texts: list[str]) -> Iterator[None]:
+    """Turn the Rust library's TypeError for a text that is not valid Unicode (a lone surrogate) into an InputError."""
+    try:
+        yield
+    except TypeError:
+        for i, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise InputError(f"text {i} is not valid Unicode ({err.reason} at character {err.start}); "
+                                 "a tokenizer.json tokenizer reads UTF-8 text only") from None
+        raise
 
 
 def _sha256(text: str) -> str:
@@ -150,11 +174,16 @@ class HFTokenizer:
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         """Token ids of many texts without special tokens or truncation (the corpus fast path)."""
         fast = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # no offsets: tokenizers >= 0.20
-        return [e.ids for e in fast(list(texts), add_special_tokens=False)]
+        texts = list(texts)
+        with _unicode_checked(texts):
+            return [e.ids for e in fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int] | torch.Tensor, *, skip_special_tokens: bool = True) -> str:
-        """Text of a sequence of ids."""
-        return self._tok.decode(_as_list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of a sequence of ids; ids the vocabulary does not have (>= vocab_size) decode to nothing."""
+        ids = _integer_ids(ids)
+        if any(i < 0 for i in ids):
+            raise InputError(f"token id {min(ids)} is negative; token ids count from 0")
+        return self._tok.decode([i for i in ids if i < self.vocab_size], skip_special_tokens=skip_special_tokens)
 
     def batch(self, texts: list[str], *, max_length: int | None = None,
               add_special_tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +202,8 @@ class HFTokenizer:
                                                else 0))
             self._tok.enable_truncation(max_length)
         try:
-            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
+            with _unicode_checked(texts):
+                return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
         finally:
             self._tok.no_truncation()
 
@@ -256,10 +286,7 @@ class _TableTokenizer:
 
     def decode(self, ids: list[int] | torch.Tensor, *, skip_special_tokens: bool = True) -> str:
         """Text of a sequence of ids; special tokens are dropped, or written as ``<eos>`` etc. when kept."""
-        try:
-            ids = [operator.index(i) for i in _as_list(ids)]
-        except TypeError as err:
-            raise InputError(f"decode expects integer ids: {err}") from err
+        ids = _integer_ids(ids)
         bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
         if bad is not None:
             raise InputError(f"token id {bad} is out of range for a vocabulary of {self.vocab_size}")
@@ -276,6 +303,8 @@ class _TableTokenizer:
         """Encode texts into right-padded ids (B, T) and a mask (B, T) of 1/0, each cut to ``max_length``."""
         _check_texts(texts)
         limit = self.max_length if max_length is None else max_length
+        if limit is not None:  # checked even when there is no text to cut
+            _check_max_length(limit)
         return _pad([self.encode(t, max_length=limit) for t in texts], self.pad_id)
 
     def fingerprint(self) -> str:

@@ -187,7 +187,8 @@ def family_of(cfg: ModelConfig) -> str:
         problems = _mismatches(cfg, position="learned", norm="layernorm", norm_placement="post", final_norm=False,
                                embed_norm=True, gated=False, qkv_bias=True, out_bias=True, mlp_bias=True,
                                norm_bias=True, parallel_block=False, qk_norm=False, embed_scale=False,
-                               sliding_window=None, d_head=None, n_kv_heads=None, attn_scale=None)
+                               sliding_window=None, d_head=None, n_kv_heads=None, attn_scale=None,
+                               pooler=cfg.head in ("none", "classifier"))  # BertModel and the classifier pool
         if cfg.type_vocab_size == 0:
             problems.append("type_vocab_size=0 (BERT needs token type embeddings)")
         family = "bert"
@@ -197,12 +198,12 @@ def family_of(cfg: ModelConfig) -> str:
         problems = _mismatches(cfg, norm="layernorm", norm_placement="pre", final_norm=True, gated=False,
                                qkv_bias=True, out_bias=True, mlp_bias=True, norm_bias=True, parallel_block=False,
                                qk_norm=False, embed_scale=False, embed_norm=False, type_vocab_size=0,
-                               sliding_window=None, d_head=None, n_kv_heads=None, attn_scale=None)
+                               sliding_window=None, d_head=None, n_kv_heads=None, attn_scale=None, pooler=False)
         family = "gpt2"
     elif cfg.kind == "decoder" and cfg.position == "rope":
         problems = _mismatches(cfg, norm="rmsnorm", norm_placement="pre", final_norm=True, gated=True,
                                parallel_block=False, embed_scale=False, embed_norm=False, type_vocab_size=0,
-                               attn_scale=None, activation="silu", rotary_fraction=1.0)
+                               attn_scale=None, activation="silu", rotary_fraction=1.0, pooler=False)
         if cfg.qk_norm:
             family = "qwen3"
         elif cfg.qkv_bias and not cfg.out_bias:

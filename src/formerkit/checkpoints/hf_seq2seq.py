@@ -105,7 +105,7 @@ def seq2seq_family(cfg: ModelConfig) -> tuple[str, list[str]]:
     ``problems`` lists every field the family's Hugging Face layout cannot hold; ConfigError
     when no family has the config's position scheme.
     """
-    common = dict(parallel_block=False, qk_norm=False, sliding_window=None, n_kv_heads=None)
+    common = dict(parallel_block=False, qk_norm=False, sliding_window=None, n_kv_heads=None, pooler=False)
     if cfg.position == "learned":
         family = "bart"
         problems = _mismatches(cfg, position_offset=BART_POSITION_OFFSET, norm="layernorm", norm_bias=True,
@@ -142,6 +142,8 @@ def seq2seq_to_hf(cfg: ModelConfig, family: str) -> dict[str, Any]:
                 "max_position_embeddings": cfg.max_seq_len, "activation_function": _TO_HF_ACTIVATION[cfg.activation],
                 "dropout": cfg.resid_dropout, "attention_dropout": cfg.attn_dropout, "activation_dropout": 0.0,
                 "scale_embedding": cfg.embed_scale}
+    if cfg.decoder_start_token_id is None:  # T5 starts decoding from its pad token: what from_t5 reads for null
+        shared["decoder_start_token_id"] = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     activation = {"gelu_tanh": "gelu" if cfg.gated else "gelu_new"}.get(cfg.activation, cfg.activation)
     return {**shared, "d_model": cfg.d_model, "d_kv": cfg.head_dim, "d_ff": cfg.d_ff, "num_layers": cfg.n_layers,
             "num_decoder_layers": cfg.decoder_layers, "num_heads": cfg.n_heads,

@@ -9,6 +9,7 @@ the others continue, and the cache rows are reselected with ``KVCache.reorder``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -41,17 +42,31 @@ class BeamOutput:
 
 def _eos_ids(eos_token_id: int | Sequence[int] | None, vocab_size: int, device: torch.device) -> torch.Tensor:
     """The end-of-sequence ids as a (n_eos,) tensor, checked against the vocabulary."""
-    ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    if not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids):
+    if eos_token_id is None:
+        ids = []
+    else:
+        ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
         raise InputError(f"eos_token_id must be token ids in [0, {vocab_size}), got {eos_token_id!r}")
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 def _check_args(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, num_beams: int,
                 max_new_tokens: int, early_stopping: bool | str, num_return_sequences: int,
-                decoder_start_token_id: int | None) -> None:
+                decoder_start_token_id: int | None, length_penalty: float, pad_token_id: int | None) -> None:
     """Raise InputError for a model, input or setting beam search cannot work with."""
     cfg = model.config
+    for name, value in [("num_beams", num_beams), ("num_return_sequences", num_return_sequences),
+                        ("max_new_tokens", max_new_tokens)]:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{name} must be an integer, got {value!r}")
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) or \
+            not math.isfinite(length_penalty):
+        raise InputError(f"length_penalty must be a finite number, got {length_penalty!r}")
+    for name, value in [("pad_token_id", pad_token_id), ("decoder_start_token_id", decoder_start_token_id)]:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value < cfg.vocab_size):
+            raise InputError(f"{name} must be a token id in [0, {cfg.vocab_size}), got {value!r}")
     if cfg.kind == "encoder" or model.lm_head is None:
         raise InputError("beam search needs a decoder-only or encoder-decoder model with a language-model head; "
                          f"got kind={cfg.kind!r}, head={cfg.head!r}")
@@ -146,7 +161,7 @@ def beam_search(
     if decoder_start_token_id is None:
         decoder_start_token_id = model.config.decoder_start_token_id
     _check_args(model, input_ids, attention_mask, num_beams, max_new_tokens, early_stopping, num_return_sequences,
-                decoder_start_token_id)
+                decoder_start_token_id, length_penalty, pad_token_id)
     device = input_ids.device
     eos = _eos_ids(eos_token_id, model.config.vocab_size, device)  # (n_eos,)
     pad = pad_token_id if pad_token_id is not None else int(eos[0]) if len(eos) else 0

@@ -6,6 +6,8 @@ so they compose in any order; ``choose`` then picks greedily or samples.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,9 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
+        for name, integer, optional in [("temperature", False, False), ("top_k", True, True), ("top_p", False, True),
+                                        ("min_p", False, True), ("repetition_penalty", False, False)]:
+            _check_number(name, getattr(self, name), integer=integer, optional=optional)
         if self.temperature < 0:
             raise InputError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -39,6 +44,16 @@ class SamplingConfig:
     def greedy(self) -> bool:
         """True when the choice is the argmax."""
         return self.temperature == 0
+
+
+def _check_number(name: str, value: object, *, integer: bool, optional: bool) -> None:
+    """Raise InputError unless ``value`` is a finite number (an integer if ``integer``; also None if ``optional``)."""
+    if value is None and optional:
+        return
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        what = "an integer" if integer else "a finite number"
+        raise InputError(f"{name} must be {what}{' or None' if optional else ''}, got {value!r}")
 
 
 def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

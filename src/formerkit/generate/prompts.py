@@ -32,6 +32,8 @@ def prompt_room(cfg: ModelConfig, max_new_tokens: int) -> int:
     An encoder-decoder's source has all of ``max_seq_len``; a decoder's prompt what max_new_tokens
     leaves of it. Raises InputError when that is nothing.
     """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if cfg.kind == "encoder-decoder":
         return cfg.max_seq_len
     room = cfg.max_seq_len - max_new_tokens
