@@ -10,7 +10,7 @@ This is the rejection scheme of Leviathan et al. (2023) and Chen et al. (2023): 
 follows exactly the distribution of sampling from the target alone. Greedy decoding is the
 special case where ``p`` and ``q`` are one-hot on their argmax, so a proposal is kept exactly when
 it is the target's argmax, and the output is identical to the target's own greedy decoding.
-Rejected tokens are rolled back by setting each cache's ``length`` back (later writes overwrite).
+Rejected tokens are rolled back with ``KVCache.truncate`` (later writes overwrite them).
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def speculative_generate(
             if stops.any():
                 new, done = new[: int(stops.nonzero()[0]) + 1], True
             ids = torch.cat([ids, new[None]], dim=1)  # (1, L + n + 1) at most
-            target_cache.length = L + n  # both caches now hold at most ids[:, :-1]
-            draft_cache.length = min(draft_cache.length, L + n)
+            target_cache.truncate(L + n)  # both caches now hold at most ids[:, :-1]
+            draft_cache.truncate(min(draft_cache.length, L + n))
     return SpeculativeOutput(sequences=ids, acceptance_rate=accepted / proposed if proposed else 0.0,
                              target_calls=calls, num_proposed=proposed, num_accepted=accepted)
