@@ -252,13 +252,15 @@ def test_bad_inputs():
     model = fk.Transformer(fk.ModelConfig.from_preset("gpt2", **SMALL)).eval()
     ids = torch.ones(2, 4, dtype=torch.long)
     cases = [
-        (dict(num_beams=0), "num_beams must be >= 1"),
+        (dict(num_beams=0), "num_beams must be an integer >= 1"),
         (dict(num_beams=2, num_return_sequences=3), r"num_return_sequences must be in \[1, num_beams=2\]"),
-        (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+        (dict(max_new_tokens=-1), "max_new_tokens must be an integer >= 0"),
         (dict(early_stopping="sometimes"), "early_stopping must be"),
-        (dict(eos_token_id=64), r"eos_token_id must be token ids in \[0, 64\)"),
+        (dict(eos_token_id=64), r"eos_token_id=64 is outside the vocabulary \[0, 64\)"),
         (dict(decoder_start_token_id=0), "decoder_start_token_id is for encoder-decoder"),
-        (dict(attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])), "left-padded"),
+        (dict(temperature=0.7), "does not sample"),
+        (dict(stop=[[3, 4]]), "stops at EOS ids only"),
+        (dict(attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])), "LEFT padding"),
         (dict(attention_mask=torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]])), "all padding"),
         (dict(attention_mask=torch.ones(2, 3, dtype=torch.long)), "same shape"),
     ]
@@ -272,6 +274,5 @@ def test_bad_inputs():
     encoder = fk.Transformer(fk.ModelConfig.from_preset("minilm-l6", **SMALL))
     with pytest.raises(fk.InputError, match="kind='encoder'"):
         beam_search(encoder, ids)
-    seq2seq = fk.Transformer(fk.ModelConfig.from_preset("vaswani-base", **SMALL))
-    with pytest.raises(fk.InputError, match="needs decoder_start_token_id"):
-        beam_search(seq2seq, ids)
+    with pytest.raises(fk.InputError, match=r"'num_beam' is not a generation option \(did you mean \"num_beams\"\?\)"):
+        beam_search(model, ids, num_beam=2)

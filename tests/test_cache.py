@@ -107,8 +107,9 @@ def test_eager_and_hooks_with_cache():
     with torch.no_grad():
         model(ids[:, :5], cache=cache)
         model(ids[:, 5:6], cache=cache)
-    assert patterns[-1].shape == (1, 4, 1, 6)  # one query over six cached keys
-    assert torch.allclose(patterns[-1].sum(-1), torch.ones(1, 4, 1))
+    assert patterns[-1].shape == (1, 4, 1, 16)  # one query over the whole static buffer ...
+    assert torch.allclose(patterns[-1][..., :6].sum(-1), torch.ones(1, 4, 1))  # ... attending to the six cached keys
+    assert not patterns[-1][..., 6:].any()
 
 
 def test_cache_errors():

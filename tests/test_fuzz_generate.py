@@ -119,10 +119,10 @@ def test_beam_search_succeeds_or_raises_formerkit_errors(one_thread, name, input
         out = fk.beam_search(model, input_ids, **options)
     except fk.FormerkitError:
         return
-    n = options.get("num_return_sequences", 1)
-    width = 1 if model.config.kind == "encoder-decoder" else input_ids.shape[1]
-    _check_ids(out.sequences, input_ids.shape[0] * n, width, options.get("max_new_tokens", 50))
-    assert out.scores.shape == (input_ids.shape[0] * n,)
+    n, rows = options.get("num_return_sequences", 1), len(input_ids)
+    width = 1 if model.config.kind == "encoder-decoder" else max(len(row) for row in input_ids)  # lists: left-padded
+    _check_ids(out.sequences, rows * n, width, options.get("max_new_tokens", 50))
+    assert out.scores.shape == (rows * n,)
 
 
 # ---- what the fuzzing found, kept as plain regression tests ------------------------------------------------------
@@ -130,7 +130,7 @@ def test_beam_search_succeeds_or_raises_formerkit_errors(one_thread, name, input
 @pytest.mark.parametrize("options, message", [
     ({"temperature": ""}, "temperature must be a finite number, got ''"),  # was a TypeError from a comparison
     ({"temperature": math.nan, "max_new_tokens": 1}, "temperature must be a finite number, got nan"),  # NaN probs
-    ({"top_k": 2.5}, "top_k must be an integer or None, got 2.5"),  # was a TypeError from topk
+    ({"top_k": 2.5}, "top_k must be an integer >= 1 or None"),  # was a TypeError from topk
     ({"top_p": "0.9"}, "top_p must be a finite number or None"),
     ({"repetition_penalty": math.nan}, "repetition_penalty must be a finite number, got nan"),
 ])
@@ -146,13 +146,13 @@ def test_generate_text_checks_max_new_tokens_before_truncating():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"num_beams": 2.5}, "num_beams must be an integer, got 2.5"),  # TypeError from repeat_interleave
-    ({"num_return_sequences": 2.5, "max_new_tokens": 0}, "num_return_sequences must be an integer"),
-    ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer, got 2.5"),  # TypeError from torch.zeros
+    ({"num_beams": 2.5}, "num_beams must be an integer >= 1"),  # TypeError from repeat_interleave
+    ({"num_return_sequences": 2.5, "max_new_tokens": 0}, r"num_return_sequences must be in \[1, num_beams=4\]"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer >= 0, got 2.5"),  # TypeError from torch.zeros
     ({"length_penalty": ""}, "length_penalty must be a finite number, got ''"),  # TypeError from **
-    ({"eos_token_id": 0.0}, r"eos_token_id must be token ids in \[0, 259\), got 0.0"),  # 'float' is not iterable
-    ({"pad_token_id": VOCAB}, r"pad_token_id must be a token id in \[0, 259\), got 259"),  # filled the output
-    ({"decoder_start_token_id": -1}, r"decoder_start_token_id must be a token id in \[0, 259\)"),
+    ({"eos_token_id": 0.0}, "eos_token_id must be a token id or a list of token ids"),  # 'float' is not iterable
+    ({"pad_token_id": VOCAB}, r"pad_token_id=259 is outside the vocabulary \[0, 259\)"),  # filled the output
+    ({"decoder_start_token_id": -1}, r"decoder_start_token_id must be an integer >= 0 or None, got -1"),
 ])
 def test_beam_options_of_the_wrong_kind_are_input_errors(options, message):
     name = "seq2seq" if "decoder_start_token_id" in options else "gpt2"

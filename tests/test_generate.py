@@ -16,9 +16,10 @@ import torch
 import formerkit as fk
 from conftest import reinit_for_parity, require
 from formerkit.generate.command import add_generate_command
+from formerkit.generate.config import GenerationConfig
 from formerkit.generate.decode import generate, stream
-from formerkit.generate.processors import SamplingConfig, choose, process
-from formerkit.generate.stream import generate_text
+from formerkit.generate.processors import choose, process
+from formerkit.generate.text import generate_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SMALL = dict(n_layers=2, d_model=32, n_heads=4, d_ff=48, vocab_size=64, max_seq_len=64,
@@ -59,7 +60,7 @@ def _left_pad(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.
 @torch.no_grad()
 def _brute(model, rows, max_new_tokens, *, eos=None, seed=None, pad=0, **sampling) -> torch.Tensor:
     """Generate by recomputing the whole left-padded batch every step (no cache)."""
-    cfg = SamplingConfig(**sampling)
+    cfg = GenerationConfig(**sampling)
     ids, mask = _left_pad(rows, pad)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     live = torch.ones(len(rows), dtype=torch.bool)
@@ -118,13 +119,15 @@ def test_greedy_equals_transformers(name, tmp_path):
     reference.generation_config.pad_token_id = 0
     reference.generation_config.eos_token_id = None  # never stop early
     model = fk.from_pretrained(tmp_path)
+    assert model.config.eos_token_id == 2  # read from config.json: generate stops there unless told otherwise
     ids, mask = _left_pad(ROWS)
     expected = reference.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=20)
     assert expected.shape == (3, 8 + 20)
-    assert torch.equal(generate(model, ROWS, max_new_tokens=20), expected)
-    assert torch.equal(generate(model, ids, attention_mask=mask, max_new_tokens=20), expected)
+    config = fk.GenerationConfig(max_new_tokens=20, eos_token_id=())
+    assert torch.equal(generate(model, ROWS, config), expected)
+    assert torch.equal(generate(model, ids, attention_mask=mask, max_new_tokens=20, eos_token_id=[]), expected)
     single = reference.generate(torch.tensor([ROWS[0]]), do_sample=False, max_new_tokens=20)
-    assert torch.equal(generate(model, [ROWS[0]], max_new_tokens=20), single)
+    assert torch.equal(generate(model, [ROWS[0]], config), single)
 
 
 # ---- the cache against full recomputation ---------------------------------------------------
@@ -162,7 +165,7 @@ def test_training_mode_and_grad_mode_are_restored():
     tokens = stream(model, [ROWS[0]], max_new_tokens=5)
     first = next(tokens)
     assert model.training and torch.is_grad_enabled()  # nothing leaks out of a paused stream
-    assert [first, *tokens] == generate(model.eval(), [ROWS[0]], max_new_tokens=5)[0, 6:].tolist()
+    assert [int(t[0]) for t in [first, *tokens]] == generate(model.eval(), [ROWS[0]], max_new_tokens=5)[0, 6:].tolist()
     model.train()
     generate(model, [ROWS[0]], max_new_tokens=3)
     assert model.training
@@ -200,10 +203,10 @@ def test_stop_strings_cut_text_per_row():
     free = [tokenizer.decode(_brute(model, [tokenizer.encode(p)], 12)[0, len(p):]) for p in prompts]
     stop = free[0][4:6]
     expected = [p + (t[:t.find(stop)] if stop in t else t) for p, t in zip(prompts, free, strict=True)]
-    texts = generate_text(model, tokenizer, prompts, max_new_tokens=12, stop_strings=[stop], eos_token_id=None)
+    texts = generate_text(model, tokenizer, prompts, max_new_tokens=12, stop_strings=[stop], eos_token_id=())
     assert texts == expected and all(len(t) < len(p) + 10 for p, t in zip(prompts, texts, strict=True))
     assert "".join(generate_text(model, tokenizer, prompts[0], max_new_tokens=12, stop_strings=stop,
-                                 eos_token_id=None, stream=True)) == expected[0]
+                                 eos_token_id=(), stream=True)) == expected[0]
 
 
 def test_scripted_text_stops_at_eos_and_stop_string():
@@ -225,8 +228,8 @@ def test_stream_yields_the_generated_columns():
     steps = list(stream(model, ROWS, max_new_tokens=6, seed=5, **SAMPLING))
     assert torch.equal(torch.stack(steps, 1), batch[:, 8:])
     single = list(stream(model, [ROWS[2]], max_new_tokens=6))
-    assert all(isinstance(t, int) for t in single)
-    assert single == generate(model, [ROWS[2]], max_new_tokens=6)[0, 8:].tolist()
+    assert all(isinstance(t, torch.Tensor) and t.shape == (1,) and t.dtype == torch.long for t in single)
+    assert torch.equal(torch.stack(single, 1), generate(model, [ROWS[2]], max_new_tokens=6)[:, 8:])
 
 
 @pytest.mark.parametrize("kind", ["byte", "bpe"])
@@ -246,7 +249,7 @@ def test_streamed_text_never_splits_a_character(kind):
 def test_generate_text_batches_and_empty_prompt():
     tokenizer = fk.ByteTokenizer()
     model = _decoder("llama-gqa", vocab_size=tokenizer.vocab_size)
-    texts = generate_text(model, tokenizer, ["hi", "a longer prompt", ""], max_new_tokens=8, eos_token_id=None)
+    texts = generate_text(model, tokenizer, ["hi", "a longer prompt", ""], max_new_tokens=8, eos_token_id=[])
     for prompt, text in zip(["hi", "a longer prompt", ""], texts, strict=True):
         ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
         alone = _brute(model, [ids], 8)[0, len(ids):]
@@ -313,7 +316,7 @@ def test_encoder_decoder_text_is_the_target_only():
     model = fk.Transformer(fk.ModelConfig.from_preset("vaswani-base", **{**SMALL, "vocab_size": 259})).eval()
     ids = generate(model, [tokenizer.encode("source")], max_new_tokens=6, decoder_start_token_id=tokenizer.pad_id)
     expected = tokenizer.decode(ids[0, 1:])  # decoding started from the pad id, as in T5
-    assert generate_text(model, tokenizer, "source", max_new_tokens=6, eos_token_id=None) == expected
+    assert generate_text(model, tokenizer, "source", max_new_tokens=6, eos_token_id=[]) == expected
 
 
 # ---- bad input -------------------------------------------------------------------------------

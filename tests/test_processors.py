@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import require
+from formerkit.generate.config import GenerationConfig
 from formerkit.generate.processors import (
-    SamplingConfig,
     min_p_filter,
     process,
     repetition_penalty,
@@ -72,7 +72,7 @@ def test_repetition_penalty_equals_transformers(case, penalty):
     logits, ids = case
     theirs = _theirs(transformers.RepetitionPenaltyLogitsProcessor(penalty), ids, logits)
     assert torch.equal(repetition_penalty(logits, _seen(ids, logits.shape[1]), penalty), theirs)
-    assert torch.equal(process(logits, SamplingConfig(repetition_penalty=penalty), _seen(ids, logits.shape[1])),
+    assert torch.equal(process(logits, GenerationConfig(repetition_penalty=penalty), _seen(ids, logits.shape[1])),
                        theirs)
 
 
@@ -89,7 +89,7 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_s
 def test_temperature_equals_transformers(case, temperature):
     logits, ids = case
     theirs = _theirs(transformers.TemperatureLogitsWarper(temperature), ids, logits)
-    assert torch.equal(process(logits, SamplingConfig(temperature=temperature)), theirs)
+    assert torch.equal(process(logits, GenerationConfig(temperature=temperature)), theirs)
 
 
 @FUZZ
@@ -123,7 +123,7 @@ def test_the_sampling_chain_equals_transformers(logits, data):
     """Penalty, temperature, top-k, top-p and min-p together, in the order transformers' generate applies them."""
     vocab = logits.shape[1]
     ids = torch.tensor([data.draw(st.lists(st.integers(0, vocab - 1), min_size=5, max_size=5))] * logits.shape[0])
-    cfg = SamplingConfig(temperature=data.draw(st.floats(0.1, 2.0)), top_k=data.draw(st.integers(1, 60)),
+    cfg = GenerationConfig(temperature=data.draw(st.floats(0.1, 2.0)), top_k=data.draw(st.integers(1, 60)),
                          top_p=data.draw(st.floats(0.05, 0.999)), min_p=data.draw(st.floats(0.0, 0.5)),
                          repetition_penalty=data.draw(st.floats(0.5, 2.0)))
     first = transformers.LogitsProcessorList([transformers.RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty),

@@ -306,11 +306,11 @@ def _small(family: str, **kw) -> fk.Transformer:
                 n_decoder_layers=3, max_seq_len=32)
     if family == "bart":
         base.update(position="learned", position_offset=2, norm_placement="post", final_norm=False, embed_norm=True,
-                    activation="gelu", lm_head_bias=True, decoder_start_token_id=2, pad_token_id=1)
+                    activation="gelu", lm_head_bias=True, decoder_start_token_id=2, pad_token_id=1, eos_token_id=2)
     else:
         base.update(position="relative", norm="rmsnorm", norm_bias=False, qkv_bias=False, out_bias=False,
                     mlp_bias=False, attn_scale=1.0, activation="relu", d_head=8, lm_head_scale=True,
-                    decoder_start_token_id=0, pad_token_id=0)
+                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     torch.manual_seed(0)
     return fk.Transformer(fk.ModelConfig(**{**base, **kw})).eval()
 

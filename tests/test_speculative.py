@@ -9,7 +9,8 @@ import torch
 from scipy.stats import chi2
 
 import formerkit as fk
-from formerkit.generate.processors import SamplingConfig, process
+from formerkit.generate.config import GenerationConfig
+from formerkit.generate.processors import process
 from formerkit.generate.speculative import speculative_generate
 
 SMALL = dict(n_layers=2, d_model=32, n_heads=4, d_ff=48, vocab_size=64, max_seq_len=64, init_std=0.1,
@@ -118,7 +119,7 @@ STAT_DRAFTS = {"unrelated": _model("llama", 12, vocab_size=VOCAB, n_layers=1, in
 
 
 @torch.no_grad()
-def _exact_joint(model: fk.Transformer, cfg: SamplingConfig) -> torch.Tensor:
+def _exact_joint(model: fk.Transformer, cfg: GenerationConfig) -> torch.Tensor:
     """The target's distribution (V ** NEW,) of the next NEW tokens after STAT_PROMPT, by enumeration."""
     joint = torch.ones(1)  # (V ** t,) probabilities of every continuation of length t, in lexicographic order
     for t in range(NEW):
@@ -164,8 +165,8 @@ def test_samples_follow_target_distribution(draft, sampling):
     drawing the replacement from p instead of max(0, p - q) (p < 1e-25), or drawing the bonus
     token from the wrong row (p < 1e-30 with the close draft, which reaches the bonus often).
     """
-    exact = _exact_joint(STAT_TARGET, SamplingConfig(**sampling))
-    draft_dist = _exact_joint(STAT_DRAFTS[draft], SamplingConfig(**sampling))
+    exact = _exact_joint(STAT_TARGET, GenerationConfig(**sampling))
+    draft_dist = _exact_joint(STAT_DRAFTS[draft], GenerationConfig(**sampling))
     assert 0.5 * (exact - draft_dist).abs().sum() > 0.5  # the draft alone would be far off
     counts, mean_rate = _empirical(STAT_DRAFTS[draft], **sampling)
     assert _chi_square_pvalue(counts, exact) > 1e-3

@@ -6,7 +6,7 @@ import torch
 
 import formerkit as fk
 from formerkit.generate.prompts import heal_prompts, token_texts
-from formerkit.generate.stream import generate_text
+from formerkit.generate.text import generate_text
 from formerkit.tokenizers import train_bpe
 
 TEXT = "".join(f"def function_{i}(value):\n    return value + {i}\n\nclass Thing{i}:\n    pass\n" for i in range(60))

@@ -15,7 +15,15 @@ from formerkit.errors import (
     InputError,
     TrainingError,
 )
-from formerkit.generate import BeamOutput, SpeculativeOutput, beam_search, generate, generate_text, speculative_generate
+from formerkit.generate import (
+    BeamOutput,
+    GenerationConfig,
+    SpeculativeOutput,
+    beam_search,
+    generate,
+    generate_text,
+    speculative_generate,
+)
 from formerkit.model import ModelOutput, Transformer
 from formerkit.predict import classify, fill_mask
 from formerkit.quantize import Int8Linear, load_quantized, quantize_int8, save_quantized
@@ -43,6 +51,7 @@ __all__ = [
     "DataError",
     "FormerkitError",
     "FormerkitWarning",
+    "GenerationConfig",
     "HFTokenizer",
     "InputError",
     "Int8Linear",

@@ -1,12 +1,16 @@
-"""The KV cache: preallocated keys and values per attention layer, as modules with buffers.
+"""The KV cache: static key/value buffers per attention layer, written at device-side slot indices.
 
 ``KVCache.for_model(model, batch_size, max_len)`` allocates, for every self-attention layer,
-(B, n_kv_heads, max_len, d_head) key and value buffers, plus the positions of the cached
-tokens (for ALiBi). A forward pass with ``cache=`` writes its new keys and values at
-``cache.length`` and attends over everything cached so far; the model then advances
-``length``. Prefill is a call with the whole prompt, decoding a call per new token.
-Encoder-decoder models also keep the encoder output and each layer's cross-attention keys
-and values, computed once at prefill.
+(B, n_kv_heads, max_len, d_head) key and value buffers, plus per slot the position of the
+cached token (for ALiBi and T5's relative bias) and whether it is a real token or padding.
+A forward pass with ``cache=`` claims the next slots (``claim``), writes its keys and values
+there with ``index_copy_`` and, once the cache holds earlier tokens, attends over the WHOLE
+buffer under a mask (slots after the query are masked), so every decoding step has the same
+tensor shapes. The next free slot is kept twice: ``cursor``, a scalar tensor on the cache's
+device that the writes index with, and ``length``, its host copy, which bounds checks read
+without waiting for the device. Prefill is a call with the whole prompt, decoding a call per
+new token. Encoder-decoder models also keep the encoder output and each layer's
+cross-attention keys and values, computed once at prefill.
 """
 
 from __future__ import annotations
@@ -17,22 +21,40 @@ from torch import nn
 from formerkit.errors import InputError
 
 
+class _Write:
+    """Where the current forward pass writes: the claimed slots (T,), and whether to attend over the whole buffer.
+
+    One instance is shared by a cache and all its layers; ``KVCache.claim`` sets it before each pass.
+    """
+
+    def __init__(self) -> None:
+        self.slots: torch.Tensor | None = None
+        self.whole = False
+
+
 class LayerKV(nn.Module):
     """Keys and values of one self-attention layer: buffers (B, KV, max_len, D)."""
 
     def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, d_head: int, dtype: torch.dtype,
-                 device: torch.device | None) -> None:
+                 device: torch.device | None, write: _Write) -> None:
         super().__init__()
         shape = (batch_size, n_kv_heads, max_len, d_head)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self._write = write
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, KV, T, D) at ``start``; return all cached keys and values (B, KV, start + T, D)."""
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, KV, T, D) at the claimed slots; return the keys and values to attend to.
+
+        Those are the whole buffers (B, KV, max_len, D) once the cache held tokens before this
+        pass (the caller masks the slots that are not keys of a query), else k and v themselves.
+        """
+        slots = self._write.slots
+        if k.dtype != self.k.dtype:  # autocast: the buffers keep the weights' dtype
+            k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return (self.k, self.v) if self._write.whole else (k, v)
 
 
 class CrossKV:
@@ -50,12 +72,17 @@ class KVCache(nn.Module):
                  cross: bool, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
         super().__init__()
         self.batch_size, self.max_len = batch_size, max_len
-        self.layers = nn.ModuleList(LayerKV(batch_size, max_len, n_kv_heads, d_head, dtype, device)
+        self._write = _Write()
+        self.layers = nn.ModuleList(LayerKV(batch_size, max_len, n_kv_heads, d_head, dtype, device, self._write)
                                     for _ in range(n_layers))
         self.cross = [CrossKV() for _ in range(n_layers)] if cross else None
         self.register_buffer("positions", torch.zeros(batch_size, max_len, dtype=torch.long, device=device),
-                             persistent=False)
-        self.length = 0
+                             persistent=False)  # (B, L) the position of the token in each slot
+        self.register_buffer("key_mask", torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
+                             persistent=False)  # (B, L) True where the slot holds a real token, not padding
+        self.register_buffer("cursor", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("_offsets", torch.arange(max_len, device=device), persistent=False)  # (L,)
+        self.length = 0  # host copy of ``cursor``
         self.memory: torch.Tensor | None = None  # encoder output (B, S, d_model), encoder-decoder only
         self.memory_mask: torch.Tensor | None = None
 
@@ -74,35 +101,53 @@ class KVCache(nn.Module):
         return cls(n_layers, batch_size, max_len or cfg.max_seq_len, cfg.kv_heads, cfg.head_dim,
                    cross=cfg.kind == "encoder-decoder", dtype=dtype or weight.dtype, device=weight.device)
 
-    def reserve(self, batch_size: int, new_tokens: int) -> int:
-        """Check that ``new_tokens`` more fit for a batch of ``batch_size``; return the current length."""
+    def claim(self, batch_size: int, new_tokens: int) -> torch.Tensor:
+        """Choose the slots (new_tokens,) of the next ``new_tokens`` tokens, for every layer of this pass.
+
+        Checks (on the host) that they fit and that the batch size matches; the slots come
+        from ``cursor`` on the device. ``advance`` moves past them after the pass.
+        """
         if batch_size != self.batch_size:
             raise InputError(f"the cache holds a batch of {self.batch_size}, got {batch_size}")
         if self.length + new_tokens > self.max_len:
             raise InputError(f"the KV cache holds {self.max_len} tokens; {self.length} are used and {new_tokens} "
                              "more do not fit; allocate a larger cache (max_len) or shorten the input")
-        return self.length
+        self._write.slots = self.cursor + self._offsets[:new_tokens]  # (T,)
+        self._write.whole = self.length > 0
+        return self._write.slots
 
-    def record_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """Store the positions (B, T) of the tokens being added; return those of all cached keys (B, L)."""
-        end = self.length + positions.shape[1]
-        self.positions[:, self.length:end] = positions
-        return self.positions[:, :end]
+    def record(self, slots: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Store the positions (B, T) of the tokens in ``slots`` (T,) and their padding mask (B, T) (None: all real)."""
+        self.positions.index_copy_(1, slots, positions.long())
+        if mask is None:
+            self.key_mask.index_fill_(1, slots, True)
+        else:
+            self.key_mask.index_copy_(1, slots, mask.bool())
+
+    def advance(self, new_tokens: int) -> None:
+        """Move the next free slot ``new_tokens`` further (after a pass that wrote them)."""
+        self.cursor += new_tokens
+        self.length += new_tokens
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` cached tokens and forget the rest (later writes overwrite them)."""
+        if not 0 <= length <= self.length:
+            raise InputError(f"truncate keeps between 0 and {self.length} cached tokens, got {length}")
+        self.cursor.fill_(length)
+        self.length = length
 
     def reset(self) -> None:
         """Forget the cached sequence (buffers are reused)."""
-        self.length = 0
+        self.truncate(0)
         self.memory = self.memory_mask = None
         if self.cross is not None:
             self.cross = [CrossKV() for _ in self.cross]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Reorder the batch rows by ``index`` (B,), as beam search does when beams are reselected."""
-        filled = slice(0, self.length)
         for layer in self.layers:
-            layer.k[:, :, filled] = layer.k[:, :, filled].index_select(0, index)
-            layer.v[:, :, filled] = layer.v[:, :, filled].index_select(0, index)
-        self.positions[:, filled] = self.positions[:, filled].index_select(0, index)
+            layer.k, layer.v = layer.k.index_select(0, index), layer.v.index_select(0, index)
+        self.positions, self.key_mask = self.positions.index_select(0, index), self.key_mask.index_select(0, index)
         if self.memory is not None:
             self.memory = self.memory.index_select(0, index)
             if self.memory_mask is not None:

@@ -169,13 +169,14 @@ def _print_train_result(cfg, result) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     """Print sampled continuations of a prompt from a causal LM checkpoint or run directory."""
+    config = fk.GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k or None)
     model = fk.from_pretrained(args.checkpoint)
     tokenizer = fk.load_tokenizer(args.checkpoint)
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
-        text = fk.generate_text(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_k=args.top_k or None, seed=seed,
-                                truncate=args.truncate, heal=not args.no_heal)
+        text = fk.generate_text(model, tokenizer, args.prompt, config, seed=seed, truncate=args.truncate,
+                                heal=not args.no_heal)
         print(text if args.num_samples == 1 else f"--- sample {i + 1} ---\n{text}")
 
 

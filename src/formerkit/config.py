@@ -91,6 +91,7 @@ class ModelConfig:
     pooler: bool = False  # BERT's dense + tanh over the first token
     pooling: Pooling = "mean"  # how embed() and the classifier reduce a sequence
     pad_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None  # the id(s) that end generated text; None: none known
     decoder_start_token_id: int | None = None  # encoder-decoder: the token decoding starts from
     lm_head_bias: bool = False  # a bias on the LM head's logits (BART's final_logits_bias)
     lm_head_scale: bool = False  # multiply final hidden states by d_model ** -0.5 before the LM head (T5)
@@ -105,6 +106,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.label_names, tuple):  # stored as a list, so a JSON round trip compares equal
             self.label_names = list(self.label_names)
+        if isinstance(self.eos_token_id, tuple):
+            self.eos_token_id = list(self.eos_token_id)
         _validate(self)
 
     # ---- derived sizes -------------------------------------------------------------
@@ -301,11 +304,24 @@ def _validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"pad_token_id must be an integer or null, got {cfg.pad_token_id!r}")
     if cfg.pad_token_id is not None and not 0 <= cfg.pad_token_id < cfg.vocab_size:
         raise ConfigError(f"pad_token_id={cfg.pad_token_id} is outside the vocabulary [0, {cfg.vocab_size})")
+    _validate_eos(cfg)
     if cfg.attn_scale is not None and cfg.attn_scale <= 0:
         raise ConfigError(f"attn_scale must be positive, got {cfg.attn_scale}")
     _validate_images(cfg)
     _validate_positions_and_decoding(cfg)
     _validate_label_names(cfg)
+
+
+def _validate_eos(cfg: ModelConfig) -> None:
+    """eos_token_id: null, one token id, or a non-empty list of token ids, each inside the vocabulary."""
+    eos = cfg.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if (isinstance(eos, list) and not eos) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ConfigError(f"eos_token_id must be a token id, a non-empty list of token ids, or null, got {eos!r}")
+    outside = [i for i in ids if not 0 <= i < cfg.vocab_size]
+    if outside:
+        raise ConfigError(f"eos_token_id={outside[0]} is outside the vocabulary [0, {cfg.vocab_size}); set an id of "
+                          "the vocabulary, or null")
 
 
 def _validate_label_names(cfg: ModelConfig) -> None:

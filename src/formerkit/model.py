@@ -88,6 +88,7 @@ def _run_stack(
     causal: bool,
     mask: torch.Tensor | None,
     positions: torch.Tensor,
+    position_bound: int | None = None,
     token_type_ids: torch.Tensor | None = None,
     context: torch.Tensor | None = None,
     context_mask: torch.Tensor | None = None,
@@ -95,8 +96,11 @@ def _run_stack(
 ) -> torch.Tensor:
     """Run one stack on token embeddings (B, T, d_model); return its output (B, T, d_model).
 
-    With a ``cache`` the tokens extend the cached sequence: ``mask`` then covers all keys
-    (B, cached + T) and the cache advances by T.
+    ``position_bound``: a number every position is known to be below (RoPE then reads its
+    table), or None. With a ``cache`` the tokens extend the cached sequence: ``mask`` then
+    covers all keys (B, cached + T), of which its last T columns (the new tokens) are stored;
+    the first call into an empty cache attends over its own tokens, later ones over the whole
+    static buffer. The cache advances by T.
     """
     x = owner.hook_embed(tok_embeds)
     if owner.pos_embed is not None:
@@ -111,26 +115,31 @@ def _run_stack(
     x = owner.embed_dropout(x)
 
     B, T = x.shape[:2]
-    past = cache.reserve(B, T) if cache is not None else 0
-    key_positions = cache.record_positions(positions) if cache is not None else positions  # (B, past + T)
-    rope = owner.rotary(positions) if owner.rotary is not None else None
+    whole = cache is not None and cache.length > 0  # attend over the whole static buffer, masked
+    k_len, query_index, key_positions, key_mask = T, None, positions, mask
+    if cache is not None:
+        slots = cache.claim(B, T)  # (T,)
+        cache.record(slots, positions, mask[:, -T:] if mask is not None else None)
+        if position_bound is not None:
+            position_bound = max(position_bound, cache.max_len)  # one RoPE table for the whole cache
+        if whole:
+            k_len, query_index, key_positions, key_mask = cache.max_len, slots, cache.positions, cache.key_mask
+    rope = owner.rotary(positions, position_bound) if owner.rotary is not None else None
     alibi = (owner.alibi_slopes, positions, key_positions) if owner.alibi_slopes is not None else None
-    relative = owner.pos_bias(positions, key_positions) if owner.pos_bias is not None else None  # (B, H, T, past+T)
-    if past and T > 1 and mask is None:  # sdpa's causal flag assumes no past: spell the mask out
-        mask = torch.ones(B, past + T, dtype=torch.long, device=x.device)
-    bias = attention_bias(dtype=x.dtype, q_len=T, k_len=past + T, causal=causal, key_mask=mask,
-                          sliding_window=cfg.sliding_window, alibi=alibi, position_bias=relative, device=x.device)
+    relative = owner.pos_bias(positions, key_positions) if owner.pos_bias is not None else None  # (B, H, T, k_len)
+    bias = attention_bias(dtype=x.dtype, q_len=T, k_len=k_len, causal=causal or whole, key_mask=key_mask,
+                          sliding_window=cfg.sliding_window, alibi=alibi, position_bias=relative, device=x.device,
+                          query_index=query_index)
     context_bias = None
     if context is not None and context_mask is not None:
         context_bias = attention_bias(dtype=x.dtype, q_len=T, k_len=context.shape[1], causal=False,
                                       key_mask=context_mask, device=x.device)
     for i, block in enumerate(owner.blocks):
-        x = block(x, rope=rope, bias=bias, is_causal=causal and past == 0, context=context,
+        x = block(x, rope=rope, bias=bias, is_causal=causal and not whole, context=context,
                   context_bias=context_bias, cache=cache.layers[i] if cache is not None else None,
-                  cross_cache=cache.cross[i] if cache is not None and cache.cross is not None else None,
-                  cache_start=past)
+                  cross_cache=cache.cross[i] if cache is not None and cache.cross is not None else None)
     if cache is not None:
-        cache.length = past + T
+        cache.advance(T)
     return owner.ln_final(x) if owner.ln_final is not None else x
 
 
@@ -196,13 +205,42 @@ class Transformer(nn.Module):
         x = self.tok_embed(ids)  # (B, T, d_model)
         return x * math.sqrt(self.config.d_model) if self.config.embed_scale else x
 
-    def _positions(self, ids: torch.Tensor, position_ids: torch.Tensor | None, start: int = 0) -> torch.Tensor:
+    def _positions(self, ids: torch.Tensor, position_ids: torch.Tensor | None,
+                   start: int = 0) -> tuple[torch.Tensor, int | None]:
+        """The positions (B, T) of ``ids`` (default: consecutive from ``start``), checked, and a bound on them.
+
+        The bound (every position is below it) lets RoPE read its table; it is read from given
+        position_ids only for RoPE models (one device read per call), else None.
+        """
         if position_ids is None:
-            position_ids = torch.arange(start, start + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-        elif tuple(position_ids.shape) != tuple(ids.shape):
+            positions = torch.arange(start, start + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+            check_positions(positions, self.config)
+            return positions, start + ids.shape[1]
+        if tuple(position_ids.shape) != tuple(ids.shape):
             raise InputError(f"position_ids must have shape {tuple(ids.shape)}, got {tuple(position_ids.shape)}")
         check_positions(position_ids, self.config)
-        return position_ids  # (B, T)
+        if self.config.position != "rope" or torch.compiler.is_compiling():
+            return position_ids, None
+        return position_ids, int(position_ids.max()) + 1
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Extend ``cache`` by tokens (B, T) at positions (B, T), all real tokens; return the logits (B, T, vocab).
+
+        The per-token step of generation: it checks nothing (the caller checked the call's
+        inputs once; ``formerkit.generate`` does), reads nothing back from the device, and keeps
+        every tensor shape the same from one step to the next. Positions must be below the
+        cache's ``max_len`` (left-padded prompts count real tokens only, so they are). Encoder-decoder
+        models read the encoder output from the cache, which a checked forward pass filled.
+        """
+        cfg = self.config
+        x = self._embed_tokens(tokens)  # (B, T, d_model)
+        if cfg.kind == "encoder-decoder":
+            hidden = self.decoder(x, causal=True, mask=None, positions=positions, position_bound=cache.max_len,
+                                  context=cache.memory, context_mask=cache.memory_mask, cache=cache)
+        else:
+            hidden = _run_stack(self, cfg, x, causal=True, mask=None, positions=positions,
+                                position_bound=cache.max_len, cache=cache)
+        return self.lm_head(hidden)
 
     def forward(
         self,
@@ -251,7 +289,7 @@ class Transformer(nn.Module):
         check_ids("input_ids", input_ids, cfg)
         past = cache.length if cache is not None else 0
         check_mask("attention_mask", attention_mask, input_ids, past)
-        positions = self._positions(input_ids, position_ids, past)
+        positions, bound = self._positions(input_ids, position_ids, past)
         if labels is not None and cfg.head == "none":
             raise InputError("labels given, but this model has no head to compute a loss (head='none')")
         if cfg.kind != "encoder-decoder" and (decoder_input_ids is not None or decoder_attention_mask is not None):
@@ -260,7 +298,8 @@ class Transformer(nn.Module):
         if token_type_ids is not None:
             check_token_types(token_type_ids, input_ids, cfg)
         hidden = _run_stack(self, cfg, self._embed_tokens(input_ids), causal=cfg.kind == "decoder",
-                            mask=attention_mask, positions=positions, token_type_ids=token_type_ids, cache=cache)
+                            mask=attention_mask, positions=positions, position_bound=bound,
+                            token_type_ids=token_type_ids, cache=cache)
         head_mask = attention_mask[:, past:] if attention_mask is not None else None
         return self._head(hidden, head_mask, labels)
 
@@ -286,8 +325,9 @@ class Transformer(nn.Module):
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the encoder of an encoder-decoder model: (B, S) ids -> (B, S, d_model)."""
-        positions = self._positions(input_ids, None)
-        return self.encoder(self._embed_tokens(input_ids), causal=False, mask=attention_mask, positions=positions)
+        positions, bound = self._positions(input_ids, None)
+        return self.encoder(self._embed_tokens(input_ids), causal=False, mask=attention_mask, positions=positions,
+                            position_bound=bound)
 
     def _forward_seq2seq(self, src, src_mask, position_ids, labels, tgt, tgt_mask, cache) -> ModelOutput:
         if tgt is None:
@@ -301,9 +341,9 @@ class Transformer(nn.Module):
             memory = self.encode(src, src_mask)
             if cache is not None:
                 cache.memory, cache.memory_mask = memory, src_mask
-        hidden = self.decoder(self._embed_tokens(tgt), causal=True, mask=tgt_mask,
-                              positions=self._positions(tgt, position_ids, past), context=memory,
-                              context_mask=src_mask, cache=cache)
+        positions, bound = self._positions(tgt, position_ids, past)
+        hidden = self.decoder(self._embed_tokens(tgt), causal=True, mask=tgt_mask, positions=positions,
+                              position_bound=bound, context=memory, context_mask=src_mask, cache=cache)
         out = self._head(hidden, tgt_mask[:, past:] if tgt_mask is not None else None, labels)
         out.encoder_hidden_states = memory
         return out

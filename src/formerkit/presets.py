@@ -95,6 +95,7 @@ _T5 = {
     "resid_dropout": 0.1,
     "embed_dropout": 0.1,
     "pad_token_id": 0,
+    "eos_token_id": 1,
     "decoder_start_token_id": 0,
 }
 
@@ -113,7 +114,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bart-base": {"kind": "encoder-decoder", "vocab_size": 50265, "d_model": 768, "n_layers": 6,
                   "n_decoder_layers": 6, "n_heads": 12, "d_ff": 3072, "max_seq_len": 1024, "position_offset": 2,
                   "norm_placement": "post", "final_norm": False, "activation": "gelu", "embed_norm": True,
-                  "resid_dropout": 0.1, "embed_dropout": 0.1, "pad_token_id": 1, "decoder_start_token_id": 2,
+                  "resid_dropout": 0.1, "embed_dropout": 0.1, "pad_token_id": 1, "eos_token_id": 2,
+                  "decoder_start_token_id": 2,
                   "lm_head_bias": True},
     "t5-small": {**_T5, "n_layers": 6, "n_decoder_layers": 6, "n_heads": 8, "d_ff": 2048, "activation": "relu",
                  "lm_head_scale": True},

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from formerkit.checkpoints.special_ids import default_ids
+from formerkit.checkpoints.special_ids import default_ids, eos_from_hf
 from formerkit.config import ModelConfig
 from formerkit.errors import ConfigError
 
@@ -175,6 +175,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise ConfigError(f"sequence-classification checkpoints are read for BERT only, not {model_type}")
     if values["head"] == "classifier":
         values["label_names"] = _label_names(hf)
+    values["eos_token_id"] = eos_from_hf(hf, values["vocab_size"])
     return ModelConfig.from_dict(values)
 
 
@@ -262,6 +263,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         common.update(_label_maps(cfg))
     if cfg.pad_token_id is not None:
         common["pad_token_id"] = cfg.pad_token_id
+    if cfg.eos_token_id is not None:
+        common["eos_token_id"] = cfg.eos_token_id
     if family in ("bart", "t5"):
         return {**common, **_seq2seq().seq2seq_to_hf(cfg, family)}
     if family == "gpt2":

@@ -35,6 +35,18 @@ def default_ids(family: str, vocab_size: int) -> dict[str, int | None]:
     return {key: _inside(value, vocab_size) for key, value in FAMILY_DEFAULTS.get(family, {}).items()}
 
 
+def eos_from_hf(hf: dict[str, Any], vocab_size: int) -> int | list[int] | None:
+    """The eos id(s) of a HF config dict as transformers reads them (its own, else the family default), in vocabulary.
+
+    Ids outside [0, vocab_size) are dropped; one id is returned as an int, several as a list, none as None.
+    """
+    value = hf["eos_token_id"] if "eos_token_id" in hf else FAMILY_DEFAULTS.get(hf.get("model_type"), {}).get(
+        "eos_token_id")
+    ids = value if isinstance(value, list) else [value]
+    inside = [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and _inside(i, vocab_size) is not None]
+    return None if not inside else inside[0] if len(inside) == 1 else inside
+
+
 def tokenizer_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
     """The ids of a tokenizer's roles: {"bos": ..., "eos": ..., "pad": ...} (None where it has no such token).
 

@@ -1,9 +1,11 @@
-"""Generation: decoding loops, sampling, beam search, speculative decoding."""
+"""Generation: one GenerationConfig; decoding loops, sampling, beam search, speculative decoding."""
 
 from formerkit.generate.beam import BeamOutput, beam_search
-from formerkit.generate.decode import decode_step, generate, prefill, stream
+from formerkit.generate.config import GenerationConfig
+from formerkit.generate.decode import generate, stream
 from formerkit.generate.speculative import SpeculativeOutput, speculative_generate
-from formerkit.generate.stream import generate_text
+from formerkit.generate.steps import decode_step, prefill
+from formerkit.generate.text import generate_text
 
-__all__ = ["BeamOutput", "beam_search", "decode_step", "generate", "generate_text", "prefill", "speculative_generate",
-           "SpeculativeOutput", "stream"]
+__all__ = ["BeamOutput", "beam_search", "decode_step", "generate", "generate_text", "GenerationConfig", "prefill",
+           "speculative_generate", "SpeculativeOutput", "stream"]

@@ -7,33 +7,32 @@ import sys
 
 from formerkit.checkpoints import from_pretrained
 from formerkit.cliargs import positive_int
-from formerkit.generate.stream import generate_text
-from formerkit.generate.translate import beam_texts
+from formerkit.generate.config import GenerationConfig
+from formerkit.generate.text import generate_text
 from formerkit.tokenizers import load_tokenizer
+
+
+def config_from_args(args: argparse.Namespace) -> GenerationConfig:
+    """The GenerationConfig of ``formerkit generate``'s options (validated: InputError names a bad combination)."""
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed, stop_strings=tuple(args.stop or ()), num_beams=args.num_beams)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Print the continuation of each ``--prompt``: streamed as it is generated for one prompt, else batched."""
+    config = config_from_args(args)
     model = from_pretrained(args.checkpoint)
     tokenizer = load_tokenizer(args.checkpoint)
     prompts = args.prompt or [""]
-    if args.num_beams > 1:  # beam search: the best hypothesis of each prompt, printed when done
-        texts = beam_texts(model, tokenizer, prompts, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                           truncate=args.truncate)
-        for i, text in enumerate(texts):
-            print(text if len(texts) == 1 else f"--- {i + 1} ---\n{text}")
-        return
-    options = dict(max_new_tokens=args.max_new_tokens, stop_strings=args.stop, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                   repetition_penalty=args.repetition_penalty, seed=args.seed, truncate=args.truncate,
-                   heal=args.heal)
-    if len(prompts) == 1 and not args.no_stream:
-        for piece in generate_text(model, tokenizer, prompts[0], stream=True, **options):
+    options = dict(truncate=args.truncate, heal=args.heal)
+    if len(prompts) == 1 and not args.no_stream and config.num_beams == 1:
+        for piece in generate_text(model, tokenizer, prompts[0], config, stream=True, **options):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return
-    texts = generate_text(model, tokenizer, prompts, **options)
+    texts = generate_text(model, tokenizer, prompts, config, **options)
     for i, text in enumerate(texts):
         print(text if len(texts) == 1 else f"--- {i + 1} ---\n{text}")
 
@@ -67,7 +66,8 @@ def add_generate_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
                         "first new token start with its text, as the model saw such text in training")
     p.add_argument("--no-stream", action="store_true", help="print a single prompt's text only when it is done")
     p.add_argument("--num-beams", type=positive_int, default=1,
-                   help="beam search with this many beams (> 1; e.g. to translate with an encoder-decoder run); "
-                        "the sampling options and --stop do not apply")
+                   help="beam search with this many beams (> 1; e.g. to translate with an encoder-decoder run), "
+                        "printed when done; not with sampling (--temperature > 0), --repetition-penalty, --stop "
+                        "or --heal")
     p.set_defaults(func=cmd_generate)
     return p

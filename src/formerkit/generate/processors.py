@@ -1,59 +1,16 @@
 """Turning next-token logits into a choice: penalties, temperature, top-k, top-p, min-p, sampling.
 
 Every function takes logits (B, V) and returns logits (B, V) with excluded tokens at -inf,
-so they compose in any order; ``choose`` then picks greedily or samples.
+so they compose in any order; ``choose`` then picks greedily or samples. The options come
+from a ``GenerationConfig`` (validated there). Nothing here reads a value back from the
+device, so a decoding step never waits for it.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-from dataclasses import dataclass
-
 import torch
 
-from formerkit.errors import InputError
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How the next token is chosen. temperature 0 means greedy; the filters apply when sampling."""
-
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name, integer, optional in [("temperature", False, False), ("top_k", True, True), ("top_p", False, True),
-                                        ("min_p", False, True), ("repetition_penalty", False, False)]:
-            _check_number(name, getattr(self, name), integer=integer, optional=optional)
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise InputError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise InputError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be > 0 (1: none), got {self.repetition_penalty}")
-
-    @property
-    def greedy(self) -> bool:
-        """True when the choice is the argmax."""
-        return self.temperature == 0
-
-
-def _check_number(name: str, value: object, *, integer: bool, optional: bool) -> None:
-    """Raise InputError unless ``value`` is a finite number (an integer if ``integer``; also None if ``optional``)."""
-    if value is None and optional:
-        return
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
-        what = "an integer" if integer else "a finite number"
-        raise InputError(f"{name} must be {what}{' or None' if optional else ''}, got {value!r}")
+from formerkit.generate.config import GenerationConfig
 
 
 def repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -94,7 +51,7 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))
 
 
-def process(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
+def process(logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
     """Apply the repetition penalty, temperature and filters of ``cfg`` to logits (B, V) (float32)."""
     logits = logits.float()
     if seen is not None:
@@ -111,11 +68,19 @@ def process(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None
     return logits
 
 
-def choose(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of non-negative weights (N, V), drawn in proportion to them: (N,).
+
+    The exponential race: argmax(w / E) with E ~ Exp(1) i.i.d. picks index i with probability
+    w_i / sum(w). It is what ``torch.multinomial(probs, 1)`` computes (the same draws from the
+    same generator), without the device reads that multinomial makes to check its input.
+    """
+    race = torch.empty_like(probs).exponential_(generator=generator)  # (N, V)
+    return (probs / race).argmax(-1)
+
+
+def choose(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick the next token of each row from processed logits (B, V): argmax, or a sample. Returns (B,)."""
     if cfg.greedy:
         return logits.argmax(-1)
-    probs = logits.softmax(-1)
-    if generator is not None and generator.device != probs.device:
-        probs = probs.to(generator.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)
+    return sample(logits.softmax(-1), generator)

@@ -10,7 +10,8 @@ This is the rejection scheme of Leviathan et al. (2023) and Chen et al. (2023): 
 follows exactly the distribution of sampling from the target alone. Greedy decoding is the
 special case where ``p`` and ``q`` are one-hot on their argmax, so a proposal is kept exactly when
 it is the target's argmax, and the output is identical to the target's own greedy decoding.
-Rejected tokens are rolled back by setting each cache's ``length`` back (later writes overwrite).
+Rejected tokens are rolled back with ``KVCache.truncate`` (later writes overwrite them). Each
+round reads the accepted count back from the device: the next round's shapes depend on it.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ import torch.nn.functional as F
 
 from formerkit.cache import KVCache
 from formerkit.errors import InputError
-from formerkit.generate.decode import _check_length, _inference, make_plan
-from formerkit.generate.processors import SamplingConfig, process
+from formerkit.generate.config import GenerationConfig, with_options
+from formerkit.generate.plan import check_length, make_plan
+from formerkit.generate.processors import process, sample
+from formerkit.generate.steps import inference
 from formerkit.model import Transformer
 
 
@@ -45,6 +48,7 @@ class SpeculativeOutput:
 
 
 def _check_models(target: Transformer, draft: Transformer) -> None:
+    """Require two decoder-only formerkit Transformers with LM heads and the same vocabulary."""
     for name, model in (("target", target), ("draft", draft)):
         if not isinstance(model, Transformer) or model.config.kind != "decoder" or model.lm_head is None:
             raise InputError(f"the {name} model must be a decoder-only formerkit Transformer with an LM head")
@@ -53,7 +57,7 @@ def _check_models(target: Transformer, draft: Transformer) -> None:
                          f"({target.config.vocab_size} vs {draft.config.vocab_size})")
 
 
-def _distribution(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+def _distribution(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     """Next-token probabilities (N, V) of raw logits (N, V): one-hot on the argmax when greedy."""
     processed = process(logits, cfg)  # (N, V) float32
     if cfg.greedy:
@@ -61,21 +65,19 @@ def _distribution(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return processed.softmax(-1)
 
 
-def _draw(weights: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+def _draw(weights: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
     """One token id (1,) from non-negative weights (V,): the argmax when greedy, else a sample."""
     if cfg.greedy:
         return weights.argmax(-1, keepdim=True)
-    if generator is not None and generator.device != weights.device:  # the seeded generator lives on the CPU
-        return torch.multinomial(weights.to(generator.device), 1, generator=generator).to(weights.device)
-    return torch.multinomial(weights, 1, generator=generator)
+    return sample(weights[None], generator)  # (1,)
 
 
-def _uniform(generator: torch.Generator | None) -> float:
-    """A uniform draw in [0, 1)."""
-    return torch.rand(1, generator=generator).item()
+def _uniform(generator: torch.Generator | None, device: torch.device) -> float:
+    """A uniform draw in [0, 1), made on ``device`` (the generator's) and read back."""
+    return torch.rand(1, generator=generator, device=device).item()
 
 
-def _propose(draft: Transformer, cache: KVCache, ids: torch.Tensor, k: int, cfg: SamplingConfig,
+def _propose(draft: Transformer, cache: KVCache, ids: torch.Tensor, k: int, cfg: GenerationConfig,
              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Let the draft extend ``ids`` (1, L) by k tokens; return them (k,) and their distributions (k, V)."""
     tokens, dists = [], []
@@ -91,7 +93,7 @@ def _propose(draft: Transformer, cache: KVCache, ids: torch.Tensor, k: int, cfg:
     return torch.cat(tokens), torch.stack(dists)
 
 
-def _verify(p: torch.Tensor, q: torch.Tensor, proposals: torch.Tensor, cfg: SamplingConfig,
+def _verify(p: torch.Tensor, q: torch.Tensor, proposals: torch.Tensor, cfg: GenerationConfig,
             generator: torch.Generator | None) -> tuple[int, torch.Tensor]:
     """Accept a prefix of ``proposals`` (k,) by rejection against target p (k + 1, V) and draft q (k, V).
 
@@ -99,69 +101,66 @@ def _verify(p: torch.Tensor, q: torch.Tensor, proposals: torch.Tensor, cfg: Samp
     norm(max(0, p_n - q_n)) after a rejection, or from p_k when all k were accepted.
     """
     for i, token in enumerate(proposals.tolist()):
-        u = 0.0 if cfg.greedy else _uniform(generator)
+        u = 0.0 if cfg.greedy else _uniform(generator, p.device)
         if u * q[i, token].item() < p[i, token].item():  # u < p/q: x_i is kept with probability min(1, p/q)
             continue
         return i, _draw((p[i] - q[i]).clamp(min=0), cfg, generator)
     return len(proposals), _draw(p[-1], cfg, generator)
 
 
-def speculative_generate(
-    target: Transformer,
-    draft: Transformer,
-    input_ids: torch.Tensor | Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int = 50,
-    num_draft_tokens: int = 4,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-    seed: int | None = None,
-) -> SpeculativeOutput:
+def speculative_generate(target: Transformer, draft: Transformer, input_ids: torch.Tensor | Sequence[Sequence[int]],
+                         config: GenerationConfig | None = None, *, num_draft_tokens: int = 4,
+                         **options) -> SpeculativeOutput:
     """Generate up to ``max_new_tokens`` tokens from ``target``, ``draft`` proposing ``num_draft_tokens`` a round.
 
     input_ids: (1, T) prompt ids, or [[id, ...]]; batch size 1 only. Both models are
     decoder-only formerkit Transformers sharing one tokenizer (same vocab_size) on the same
-    device; they run in eval mode without autograd for the call. temperature 0 is greedy and
-    gives exactly the target's greedy output (``generate``); otherwise the output is distributed
-    as sampling from the target with the same temperature / top_k / top_p / min_p. Arguments
-    are checked as ``generate`` checks them: an EOS id (one or several) ends generation and is
-    kept; with learned positions prompt + max_new_tokens must fit in max_seq_len; ``seed``
-    seeds one CPU torch.Generator for the call. Returns a SpeculativeOutput.
+    device; they run in eval mode without autograd for the call. ``config`` and ``options``
+    are GenerationConfig fields (max_new_tokens, temperature, top_k, top_p, min_p, eos_token_id,
+    seed; no beams, repetition penalty or stop sequences). temperature 0 is greedy and gives
+    exactly the target's greedy output (``generate``); otherwise the output is distributed as
+    sampling from the target with the same options. An EOS id (default: the target config's)
+    ends generation and is kept; with learned positions prompt + max_new_tokens must fit in
+    max_seq_len; ``seed`` seeds one generator on the models' device. Returns a SpeculativeOutput.
     """
     _check_models(target, draft)
-    plan = make_plan(target, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                     top_p=top_p, min_p=min_p, eos_token_id=eos_token_id, seed=seed)
+    config = with_options(config, options)
+    unsupported = [name for name, on in (("num_beams", config.num_beams > 1),
+                                         ("repetition_penalty", config.repetition_penalty != 1.0),
+                                         ("stop", bool(config.stop)), ("stop_strings", bool(config.stop_strings)))
+                   if on]
+    if unsupported:
+        raise InputError(f"speculative_generate does not support {', '.join(unsupported)}; leave "
+                         f"{'it' if len(unsupported) == 1 else 'them'} at the default, or use generate")
+    plan = make_plan(target, input_ids, None, config)
+    max_new_tokens = config.max_new_tokens
     if plan.ids.shape[0] != 1:
         raise InputError(f"speculative_generate decodes one sequence at a time (batch size 1), "
                          f"got a batch of {plan.ids.shape[0]}; loop over the rows")
-    _check_length(draft.config, plan.ids, plan.mask, max_new_tokens, encoder_decoder=False)
+    check_length(draft.config, plan.ids, plan.mask, max_new_tokens, encoder_decoder=False)
     if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
         raise InputError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens!r}")
-    cfg, generator, ids = plan.sampling, plan.generator, plan.ids  # ids: (1, L)
-    eos = torch.tensor(plan.eos, dtype=torch.long, device=ids.device)  # (E,)
+    generator, ids, eos = plan.generator, plan.ids, plan.eos_ids  # ids: (1, L); eos: (E,)
     limit = ids.shape[1] + max_new_tokens
     proposed = accepted = calls = 0
-    with _inference(target), _inference(draft):
+    with inference(target), inference(draft):
         target_cache, draft_cache = KVCache.for_model(target, 1, limit), KVCache.for_model(draft, 1, limit)
         done = False
         while not done and ids.shape[1] < limit:
             L = ids.shape[1]
             k = min(num_draft_tokens, limit - L - 1)  # the round adds at most k + 1 tokens
-            proposals, q = _propose(draft, draft_cache, ids, k, cfg, generator)  # (k,), (k, V)
+            proposals, q = _propose(draft, draft_cache, ids, k, config, generator)  # (k,), (k, V)
             fed = torch.cat([ids[:, target_cache.length:], proposals[None]], dim=1)  # (1, L - cached + k)
-            p = _distribution(target(fed, cache=target_cache).logits[0, -(k + 1):], cfg)  # (k + 1, V)
+            p = _distribution(target(fed, cache=target_cache).logits[0, -(k + 1):], config)  # (k + 1, V)
             calls += 1
-            n, token = _verify(p, q, proposals, cfg, generator)
+            n, token = _verify(p, q, proposals, config, generator)
             proposed, accepted = proposed + k, accepted + n
             new = torch.cat([proposals[:n], token])  # (n + 1,)
-            stops = torch.isin(new, eos)  # (n + 1,)
+            stops = (new[:, None] == eos).any(-1)  # (n + 1,)
             if stops.any():
                 new, done = new[: int(stops.nonzero()[0]) + 1], True
             ids = torch.cat([ids, new[None]], dim=1)  # (1, L + n + 1) at most
-            target_cache.length = L + n  # both caches now hold at most ids[:, :-1]
-            draft_cache.length = min(draft_cache.length, L + n)
+            target_cache.truncate(L + n)  # both caches now hold at most ids[:, :-1]
+            draft_cache.truncate(min(draft_cache.length, L + n))
     return SpeculativeOutput(sequences=ids, acceptance_rate=accepted / proposed if proposed else 0.0,
                              target_calls=calls, num_proposed=proposed, num_accepted=accepted)

@@ -70,14 +70,14 @@ class Attention(nn.Module):
         is_causal: bool = False,
         context: torch.Tensor | None = None,
         cache: LayerKV | CrossKV | None = None,
-        cache_start: int = 0,
     ) -> torch.Tensor:
         """Attend from x (B, T, d_model) to itself, or to ``context`` (B, S, d_model) if cross.
 
         rope: (cos, sin) for self-attention positions. bias: additive float mask broadcastable
         to (B, H, T, S), or None. is_causal: apply a causal mask when ``bias`` is None.
-        cache: a self-attention ``LayerKV`` (new keys/values are written at ``cache_start``
-        and all cached ones attended to), or a ``CrossKV`` (encoder keys/values computed once).
+        cache: a self-attention ``LayerKV`` (new keys/values are written at the slots its cache
+        claimed; once the cache held tokens, the whole buffer is attended to and ``bias`` masks
+        it), or a ``CrossKV`` (encoder keys/values computed once).
         Returns (B, T, d_model).
         """
         B, T, _ = x.shape
@@ -104,7 +104,7 @@ class Attention(nn.Module):
                 k = self.hook_rot_k(apply_rotary(k, *rope))
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T, D)
             if isinstance(cache, LayerKV):
-                k, v = cache.append(k, v, cache_start)  # (B, KV, L, D): everything cached so far
+                k, v = cache.update(k, v)  # (B, KV, S, D): the whole static buffer, or the new keys alone
         if bias is not None and bias.dtype != q.dtype:
             bias = bias.to(q.dtype).clamp(min=torch.finfo(q.dtype).min)
         if self.backend == "eager" or self.hook_pattern.active:

@@ -58,14 +58,12 @@ class Block(nn.Module):
         context_bias: torch.Tensor | None = None,
         cache: LayerKV | None = None,
         cross_cache: CrossKV | None = None,
-        cache_start: int = 0,
     ) -> torch.Tensor:
         """Run the block on x (B, T, d_model); ``context`` is the encoder output for cross-attention.
 
         cache / cross_cache: this layer's KV cache entries (see ``formerkit.cache``).
         """
-        self_attn = lambda h: self.attn(h, rope=rope, bias=bias, is_causal=is_causal,  # noqa: E731
-                                        cache=cache, cache_start=cache_start)
+        self_attn = lambda h: self.attn(h, rope=rope, bias=bias, is_causal=is_causal, cache=cache)  # noqa: E731
         x = self.hook_resid_pre(x)
         if self.placement == "parallel":
             h = self.ln1(x)

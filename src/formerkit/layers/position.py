@@ -29,20 +29,43 @@ def sinusoidal(positions: torch.Tensor, dim: int) -> torch.Tensor:
 class Rotary(nn.Module):
     """Rotary position embedding (Su et al.) in the "rotate half" layout used by Llama.
 
-    Only the first ``rotary_dim`` dims of each head are rotated (partial rotary).
+    Only the first ``rotary_dim`` dims of each head are rotated (partial rotary). cos and sin
+    are computed in float32 once per device into a table indexed by position, grown (to the
+    next power of two) when a call needs a longer one. The table is a plain attribute, not a
+    buffer, so ``model.to(torch.bfloat16)`` cannot round it.
     """
 
     def __init__(self, rotary_dim: int, theta: float) -> None:
         super().__init__()
         self.rotary_dim = rotary_dim
-        inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (rotary_dim/2,)
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))  # (R/2,)
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (cos, sin), each (B, T, 1, rotary_dim) float32, for positions (B, T)."""
-        freqs = positions.float()[..., None] * self.inv_freq.to(positions.device)  # (B, T, R/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B, T, 1, R)
-        return emb.cos(), emb.sin()
+    def _angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """The angles (..., R) of float32 positions (...): each frequency twice (rotate-half layout)."""
+        freqs = positions[..., None] * self.inv_freq.to(positions.device)  # (..., R/2)
+        return torch.cat((freqs, freqs), dim=-1)
+
+    def table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each (n, rotary_dim) float32 with n >= length rows, for positions 0 .. n - 1 on ``device``."""
+        cached = self._tables.get(device)
+        if cached is None or cached[0].shape[0] < length:
+            angles = self._angles(torch.arange(1 << max(length - 1, 1).bit_length(), device=device,
+                                               dtype=torch.float32))  # (n, R)
+            cached = self._tables[device] = (angles.cos(), angles.sin())
+        return cached
+
+    def forward(self, positions: torch.Tensor, bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (cos, sin), each (B, T, 1, rotary_dim) float32, for positions (B, T).
+
+        ``bound``: a number every position is known to be below (no device read needed); the
+        values are then looked up in the table. None: computed from the positions directly.
+        """
+        if bound is None:
+            emb = self._angles(positions.float())[:, :, None, :]  # (B, T, 1, R)
+            return emb.cos(), emb.sin()
+        cos, sin = self.table(bound, positions.device)
+        return cos[positions][:, :, None, :], sin[positions][:, :, None, :]  # (B, T, 1, R)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 from formerkit.checkpoints.files import atomic_write
 from formerkit.data import TextSource, validation_documents
 from formerkit.data.python_code import token_kind_mix, tokenizable_line_share, total_variation
-from formerkit.generate import generate_text
+from formerkit.generate import GenerationConfig, generate_text
 
 SAMPLES_FILE = "samples.txt"
 SUMMARY_FILE = "summary.json"
@@ -44,9 +44,9 @@ def draw_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens
     longest = max(len(tokenizer.encode(p, add_special_tokens=False)) for p in prompts)
     new_tokens = max(0, min(max_new_tokens, model.config.max_seq_len - max(longest, 1)))
     model.eval()
+    config = GenerationConfig(max_new_tokens=new_tokens, temperature=1.0, min_p=0.1, seed=seed, eos_token_id=())
     with torch.no_grad(), autocast():
-        return generate_text(model, tokenizer, prompts, max_new_tokens=new_tokens, temperature=1.0, min_p=0.1,
-                             seed=seed, eos_token_id=[], heal=True)
+        return generate_text(model, tokenizer, prompts, config, heal=True)
 
 
 def reference_texts(source: TextSource, val_fraction: float, seed: int = 0) -> list[str]:

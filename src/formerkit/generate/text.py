@@ -3,6 +3,7 @@
 Each row's continuation is decoded as a whole after every new token (so a multi-byte
 character split over several tokens is never shown half-made), cut before the first stop
 string, and released in pieces that never end in U+FFFD or in the beginning of a stop string.
+Text is made on the host, so each step reads its tokens back from the device (once per step).
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import torch
 from torch import nn
 
 from formerkit.errors import InputError
-from formerkit.generate.decode import decode_loop, make_plan
+from formerkit.generate.config import GenerationConfig, with_options
+from formerkit.generate.decode import decode_loop
+from formerkit.generate.plan import make_plan
 from formerkit.generate.prompts import fit_prompts, heal_prompts
+from formerkit.generate.translate import beam_texts
 from formerkit.tokenizers import Tokenizer
 
 _CONTEXT = 8  # prompt tokens decoded before the continuation, so tokenizers that treat a text's start specially agree
@@ -53,15 +57,6 @@ class _RowText:
         return piece
 
 
-def _stop_strings(stop_strings: str | Sequence[str] | None) -> list[str]:
-    if stop_strings is None:
-        return []
-    strings = [stop_strings] if isinstance(stop_strings, str) else stop_strings
-    if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) and s for s in strings):
-        raise InputError(f"stop_strings must be a list of non-empty strings, got {stop_strings!r}")
-    return list(strings)
-
-
 def _pieces(prompt: str, row: _RowText, steps: Iterator) -> Iterator[str]:
     """The prompt, then the continuation in pieces as tokens arrive."""
     if prompt:
@@ -75,20 +70,23 @@ def _pieces(prompt: str, row: _RowText, steps: Iterator) -> Iterator[str]:
         yield piece
 
 
-def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt_or_prompts: str | Sequence[str], *,
-                  max_new_tokens: int = 50, stop_strings: str | Sequence[str] | None = None, stream: bool = False,
-                  truncate: str | None = None, heal: bool = False,
-                  **sampling) -> str | list[str] | Iterator[str]:
+def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt_or_prompts: str | Sequence[str],
+                  config: GenerationConfig | None = None, *, stream: bool = False, truncate: str | None = None,
+                  heal: bool = False, **options) -> str | list[str] | Iterator[str]:
     """Continue a prompt (or a batch of prompts) and return prompt + continuation as text.
 
-    Prompts are encoded with ``add_special_tokens=False``; an empty one starts from the
-    tokenizer's EOS id. A row stops at the EOS id (``tokenizer.eos_id`` unless
-    ``eos_token_id`` is given; the EOS is not part of the text) or once its continuation
-    contains a stop string; the text is cut before the stop string. ``sampling`` takes the
-    other arguments of ``generate`` (temperature, top_k, top_p, min_p, repetition_penalty,
-    stop, seed, ...). Returns a str for a str prompt, a list for a list; for encoder-decoder
-    models, the generated target text only. With ``stream=True`` (one str prompt) returns an
-    iterator of text pieces, the prompt first, that join to the non-streamed result.
+    One return type per input type: a str prompt gives a str, a list of prompts a list of str
+    (one per prompt, in order), and ``stream=True`` (a str prompt only) an iterator of str
+    pieces, the prompt first, that join to the non-streamed result. Encoder-decoder models
+    give the generated target text only.
+
+    ``config`` and ``options`` are GenerationConfig fields (max_new_tokens, temperature, top_k,
+    top_p, min_p, repetition_penalty, stop, stop_strings, seed, num_beams, ...). Prompts are
+    encoded with ``add_special_tokens=False``; an empty one starts from the tokenizer's EOS
+    id. A row stops at an EOS id (the config's, else the model config's, else
+    ``tokenizer.eos_id``; ``eos_token_id=[]``: none; the EOS is not part of the text) or once
+    its continuation contains a stop string; the text is cut before the stop string. With
+    num_beams > 1 each text is beam search's best hypothesis (``beam_texts``).
 
     ``truncate`` ("left" or "right") cuts a prompt longer than ``max_seq_len - max_new_tokens``
     tokens (an encoder-decoder's source: ``max_seq_len``) to that length: "left" drops its start,
@@ -96,27 +94,33 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt_or_prompts: str
     prompts whole, and a prompt too long for learned positions is an InputError. Prompt characters
     a char tokenizer does not know become ``<unk>``, with a FormerkitWarning naming them.
 
-    ``heal`` (token healing, decoder-only models): a prompt's last token is taken back when other
-    tokens start with its text, and the first new token must start with that text. A prompt
-    ending in a space ("def ") otherwise leaves a BPE model a lone space token, which its training
-    text almost never has (spaces there belong to the next word's token).
+    ``heal`` (token healing, decoder-only models, not with beams): a prompt's last token is taken
+    back when other tokens start with its text, and the first new token must start with that
+    text. A prompt ending in a space ("def ") otherwise leaves a BPE model a lone space token,
+    which its training text almost never has (spaces there belong to the next word's token).
     """
+    config = with_options(config, options)
     single = isinstance(prompt_or_prompts, str)
     prompts = [prompt_or_prompts] if single else prompt_or_prompts
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise InputError("generate_text takes a prompt string or a non-empty list of prompt strings")
     if stream and not single:
         raise InputError("stream=True takes a single prompt string; generate a list of prompts without streaming")
+    if config.num_beams > 1:
+        if stream or heal:
+            raise InputError(f"beam search (num_beams={config.num_beams}) decides its text at the end and does not "
+                             f"heal prompts; drop {'stream=True' if stream else 'heal=True'}, or set num_beams=1")
+        texts = beam_texts(model, tokenizer, list(prompts), config, truncate=truncate)
+        return texts[0] if single else texts
     encoder_decoder = model.config.kind == "encoder-decoder"
-    ids, shown = fit_prompts(tokenizer, prompts, model.config, max_new_tokens, truncate)
+    ids, shown = fit_prompts(tokenizer, prompts, model.config, config.max_new_tokens, truncate)
     first_allowed = None
     if heal and not encoder_decoder:
         ids, shown, first_allowed = heal_prompts(tokenizer, ids, shown, model.config.vocab_size)
-    sampling.setdefault("eos_token_id", tokenizer.eos_id)
-    sampling.setdefault("pad_token_id", tokenizer.pad_id)
-    plan = make_plan(model, ids, max_new_tokens=max_new_tokens, first_allowed=first_allowed, **sampling)
-    strings = _stop_strings(stop_strings)
-    rows = [_RowText(tokenizer, [] if encoder_decoder else row[-_CONTEXT:], set(plan.eos), strings) for row in ids]
+    plan = make_plan(model, ids, None, config, tokenizer_eos=tokenizer.eos_id, tokenizer_pad=tokenizer.pad_id,
+                     first_allowed=first_allowed)
+    rows = [_RowText(tokenizer, [] if encoder_decoder else row[-_CONTEXT:], set(plan.eos), list(config.stop_strings))
+            for row in ids]
 
     def check(tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         """Feed each live row its new token; rows whose text reached a stop string stop."""
