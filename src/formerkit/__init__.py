@@ -1,8 +1,5 @@
 """formerkit: the Transformer and its families as one small, tested PyTorch library."""
 
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _version
-
 from formerkit.checkpoints import from_pretrained, save_pretrained
 from formerkit.config import ModelConfig
 from formerkit.embed import embed
@@ -28,11 +25,7 @@ from formerkit.tokenizers import (
     load_tokenizer,
     train_bpe,
 )
-
-try:
-    __version__ = _version("formerkit")  # the installed distribution's, so it cannot drift from pyproject.toml
-except PackageNotFoundError:  # a source tree on sys.path that was never installed
-    __version__ = "0+unknown"
+from formerkit.version import __version__ as __version__
 
 __all__ = [
     "BeamOutput",

@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 
 from formerkit.errors import ConfigError, did_you_mean
 from formerkit.fieldtypes import check_fields
+from formerkit.fileio import atomic_write, json_text
 
 Kind = Literal["decoder", "encoder", "encoder-decoder"]
 Position = Literal["learned", "sinusoidal", "rope", "alibi", "relative", "none"]
@@ -180,9 +181,9 @@ class ModelConfig:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """Serialize to JSON; also write it to ``path`` when one is given."""
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        text = json_text(self.to_dict())
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
         return text
 
     def replace(self, **changes: Any) -> ModelConfig:

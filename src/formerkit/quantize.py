@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from formerkit.checkpoints import NATIVE_CONFIG, from_pretrained, load_weights_into, resolve_checkpoint_dir, tied_names
-from formerkit.checkpoints.files import read_json, read_weights, write_json, write_safetensors
+from formerkit.checkpoints.files import read_weights, write_safetensors
 from formerkit.config import ModelConfig
 from formerkit.errors import CheckpointError, InputError
+from formerkit.fileio import read_json, write_json
 from formerkit.model import Transformer
 from formerkit.tokenizers import FORMERKIT_FILE, load_tokenizer
 

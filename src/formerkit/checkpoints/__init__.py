@@ -11,16 +11,17 @@ from typing import Literal
 
 import torch
 
-from formerkit.checkpoints.files import read_json, read_weights, write_json, write_safetensors
+from formerkit.checkpoints.files import read_weights, write_safetensors
 from formerkit.checkpoints.hf import state_from_hf, state_to_hf, write_hf_dir
 from formerkit.checkpoints.hf_config import family_of
 from formerkit.checkpoints.special_ids import with_tokenizer_ids
 from formerkit.config import ModelConfig
 from formerkit.errors import CheckpointError, ConfigError, InputError
+from formerkit.fileio import read_json, write_json
 from formerkit.model import Transformer
+from formerkit.rundir import NATIVE_CONFIG, resolve_checkpoint_dir
 from formerkit.tokenizers import Tokenizer
 
-NATIVE_CONFIG = "formerkit_config.json"
 _ST_POOLING = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
                "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "last"}
 
@@ -64,20 +65,6 @@ def _sentence_transformers_pooling(directory: Path) -> str | None:
         return None
     modes = [mode for key, mode in _ST_POOLING.items() if read_json(path).get(key)]
     return modes[0] if len(modes) == 1 else None
-
-
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """The checkpoint directory ``path`` names: itself, or a training run's latest checkpoint."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    pointer = directory / "checkpoints" / "latest"
-    if pointer.is_file() and not (directory / NATIVE_CONFIG).is_file():
-        latest = directory / "checkpoints" / pointer.read_text().strip()
-        if not latest.is_dir():
-            raise CheckpointError(f"{pointer} names {latest.name}, which does not exist")
-        return latest
-    return directory
 
 
 def load_config(path: str | Path) -> ModelConfig:

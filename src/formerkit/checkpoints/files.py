@@ -1,11 +1,7 @@
-"""Reading tensor files (safetensors, sharded safetensors, weights-only .bin) and atomic writes."""
+"""Reading tensor files (safetensors, sharded safetensors, weights-only .bin) and writing safetensors."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,51 +9,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from formerkit.errors import CheckpointError
+from formerkit.fileio import atomic_write, read_json
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    A crash at any moment leaves either the old file or the new one, never a partial file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write ``data`` as indented JSON to ``path`` atomically."""
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write tensors (made contiguous, storage not shared) to a safetensors file atomically."""
     owned = {name: t.detach().contiguous().clone() for name, t in tensors.items()}
     atomic_write(path, lambda tmp: save_file(owned, str(tmp), metadata=metadata))
-
-
-def read_json(path: Path) -> dict:
-    """Read a JSON object from ``path``, raising CheckpointError on a missing or broken file."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise CheckpointError(f"{path} does not exist") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _read_one(path: Path) -> dict[str, torch.Tensor]:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
-from formerkit.checkpoints.files import write_json, write_safetensors
+from formerkit.checkpoints.files import write_safetensors
 from formerkit.checkpoints.hf_config import config_to_hf
 from formerkit.checkpoints.hf_maps import BASE_PREFIX, IGNORED, expand, table_name
 from formerkit.config import ModelConfig
 from formerkit.errors import CheckpointError
+from formerkit.fileio import write_json
 
 
 def _split_sizes(cfg: ModelConfig, n_parts: int) -> list[int]:
