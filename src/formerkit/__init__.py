@@ -1,6 +1,7 @@
 """formerkit: the Transformer and its families as one small, tested PyTorch library."""
 
 from formerkit.checkpoints import from_pretrained, save_pretrained
+from formerkit.checkpoints.hf_config import config_from_hf, config_to_hf
 from formerkit.config import ModelConfig
 from formerkit.embed import embed
 from formerkit.errors import (
@@ -48,6 +49,8 @@ __all__ = [
     "beam_search",
     "build_tokenizer",
     "classify",
+    "config_from_hf",
+    "config_to_hf",
     "embed",
     "fill_mask",
     "from_pretrained",

@@ -1,8 +1,9 @@
 """ModelConfig: one typed, validated description of every model formerkit builds.
 
 A handful of enumerated fields (``kind``, ``position``, ``norm``, ``activation``, ``head``)
-select the architecture; the rest are sizes and switches. Presets name well-known shapes;
-``from_hf``/``to_hf`` translate Hugging Face ``config.json`` dictionaries.
+select the architecture; the rest are sizes and switches. Presets name well-known shapes.
+Hugging Face ``config.json`` dictionaries are translated by ``formerkit.checkpoints.hf_config``
+(``config_from_hf``/``config_to_hf``), which builds on this module and never the other way round.
 """
 
 from __future__ import annotations
@@ -189,19 +190,6 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         """Return a copy with some fields changed (validated, unknown keys rejected)."""
         return ModelConfig.from_dict({**self.to_dict(), **changes})
-
-    @classmethod
-    def from_hf(cls, hf_config: dict[str, Any]) -> ModelConfig:
-        """Infer a config from a Hugging Face ``config.json`` dict (GPT-2, Llama family, BERT, BART, T5)."""
-        from formerkit.checkpoints.hf_config import config_from_hf
-
-        return config_from_hf(hf_config)
-
-    def to_hf(self) -> dict[str, Any]:
-        """Return the equivalent Hugging Face ``config.json`` dict, or raise ConfigError."""
-        from formerkit.checkpoints.hf_config import config_to_hf
-
-        return config_to_hf(self)
 
 
 def _choice(cfg: ModelConfig, name: str, literal: Any) -> None:

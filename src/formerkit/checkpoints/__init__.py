@@ -1,7 +1,8 @@
 """Checkpoints: formerkit's native format and Hugging Face directories, both ways.
 
 Native: ``formerkit_config.json`` (ModelConfig) + ``model.safetensors`` (formerkit names).
-Hugging Face: ``config.json`` + weights, translated through the tables in ``hf_maps``.
+Hugging Face: ``config.json`` + weights, translated through the family registry (``hf_families``)
+and its weight tables (``hf_maps``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 
 from formerkit.checkpoints.files import read_weights, write_safetensors
 from formerkit.checkpoints.hf import state_from_hf, state_to_hf, write_hf_dir
-from formerkit.checkpoints.hf_config import family_of
+from formerkit.checkpoints.hf_config import config_from_hf
+from formerkit.checkpoints.hf_families import family_of
 from formerkit.checkpoints.special_ids import with_tokenizer_ids
 from formerkit.config import ModelConfig
 from formerkit.errors import CheckpointError, ConfigError, InputError
@@ -80,7 +82,7 @@ def load_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{directory} has neither {NATIVE_CONFIG} (formerkit) nor config.json "
                               "(Hugging Face); point at the directory a checkpoint was saved to")
     try:
-        cfg = ModelConfig.from_hf(read_json(directory / "config.json"))
+        cfg = config_from_hf(read_json(directory / "config.json"))
     except ConfigError as err:
         raise CheckpointError(f"{directory / 'config.json'}: {err}") from err
     pooling = _sentence_transformers_pooling(directory)

@@ -1,4 +1,4 @@
-"""Load and write Hugging Face checkpoint directories through the tables in ``hf_maps``."""
+"""Load and write Hugging Face checkpoint directories through the family's table in ``hf_maps``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 
 from formerkit.checkpoints.files import write_safetensors
+from formerkit.checkpoints.hf_common import Family
 from formerkit.checkpoints.hf_config import config_to_hf
-from formerkit.checkpoints.hf_maps import BASE_PREFIX, IGNORED, expand, table_name
+from formerkit.checkpoints.hf_families import family_of
+from formerkit.checkpoints.hf_maps import expand
 from formerkit.config import ModelConfig
 from formerkit.errors import CheckpointError
 from formerkit.fileio import write_json
@@ -20,7 +22,7 @@ def _split_sizes(cfg: ModelConfig, n_parts: int) -> list[int]:
     return [q, kv, kv] if n_parts == 3 else [kv, kv]
 
 
-def state_from_hf(cfg: ModelConfig, family: str, hf_state: dict[str, torch.Tensor],
+def state_from_hf(cfg: ModelConfig, family: Family, hf_state: dict[str, torch.Tensor],
                   model_state: dict[str, torch.Tensor], tied: set[str]) -> dict[str, torch.Tensor]:
     """Translate a HF state dict into formerkit names, checked against the model's own tensors.
 
@@ -28,12 +30,12 @@ def state_from_hf(cfg: ModelConfig, family: str, hf_state: dict[str, torch.Tenso
     neither loaded nor reported missing. Raises CheckpointError listing every missing,
     unexpected and mis-shaped tensor.
     """
-    prefix = BASE_PREFIX[family]
+    prefix = family.base_prefix
     theirs = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in hf_state.items()}
     used: set[str] = set()
     out: dict[str, torch.Tensor] = {}
     missing, shapes, differ = [], [], []
-    for ours, names, transform, _ in expand(table_name(family, cfg.gated), cfg.n_layers, cfg.decoder_layers):
+    for ours, names, transform, _ in expand(family.weights(cfg), cfg.n_layers, cfg.decoder_layers):
         if ours not in model_state or ours in tied:
             used.update(n for n in names if ours in tied)
             continue
@@ -56,7 +58,7 @@ def state_from_hf(cfg: ModelConfig, family: str, hf_state: dict[str, torch.Tenso
             continue
         out[ours] = tensor
     uncovered = [k for k in model_state if k not in out and k not in tied]
-    ignored = [re.compile(p) for p in IGNORED[family]]
+    ignored = [re.compile(p) for p in family.ignored]
     unexpected = [k for k in theirs if k not in used and not any(p.fullmatch(k) for p in ignored)]
     problems = []
     if missing:
@@ -70,18 +72,18 @@ def state_from_hf(cfg: ModelConfig, family: str, hf_state: dict[str, torch.Tenso
     if not missing and not shapes and uncovered:
         problems.append(f"not provided by the checkpoint: {', '.join(uncovered)}")
     if problems:
-        raise CheckpointError(f"the {family} checkpoint does not match the model from its config.json — "
+        raise CheckpointError(f"the {family.model_type} checkpoint does not match the model from its config.json — "
                               + " | ".join(problems))
     return out
 
 
 def state_to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], tied: set[str]) -> tuple[dict, dict]:
-    """Translate a formerkit state dict to (HF config dict, HF state dict)."""
+    """Translate a formerkit state dict to (HF config dict, HF state dict); ConfigError when no family fits."""
     hf_config = config_to_hf(cfg)
-    family = hf_config["model_type"]
-    prefix = BASE_PREFIX[family] if cfg.head != "none" else ""
+    family = family_of(cfg)
+    prefix = family.base_prefix if cfg.head != "none" else ""
     out: dict[str, torch.Tensor] = {}
-    for ours, names, transform, is_head in expand(table_name(family, cfg.gated), cfg.n_layers, cfg.decoder_layers):
+    for ours, names, transform, is_head in expand(family.weights(cfg), cfg.n_layers, cfg.decoder_layers):
         if ours not in state or ours in tied:
             continue
         tensor = state[ours]
