@@ -2,6 +2,7 @@
 
 from formerkit.checkpoints import from_pretrained, save_pretrained
 from formerkit.checkpoints.hf_config import config_from_hf, config_to_hf
+from formerkit.checkpoints.quantized import load_quantized, save_quantized
 from formerkit.config import ModelConfig
 from formerkit.embed import embed
 from formerkit.errors import (
@@ -14,9 +15,9 @@ from formerkit.errors import (
     TrainingError,
 )
 from formerkit.generate import BeamOutput, SpeculativeOutput, beam_search, generate, generate_text, speculative_generate
+from formerkit.layers.quantized import Int8Linear, quantize_int8
 from formerkit.model import ModelOutput, Transformer
 from formerkit.predict import classify, fill_mask
-from formerkit.quantize import Int8Linear, load_quantized, quantize_int8, save_quantized
 from formerkit.tokenizers import (
     ByteTokenizer,
     CharTokenizer,

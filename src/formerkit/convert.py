@@ -20,8 +20,8 @@ from typing import Literal
 
 from formerkit.checkpoints import NATIVE_CONFIG, from_pretrained, resolve_checkpoint_dir, save_pretrained
 from formerkit.checkpoints.files import WEIGHT_FILES
+from formerkit.checkpoints.quantized import QUANTIZATION_FILE, save_quantized
 from formerkit.errors import CheckpointError, InputError
-from formerkit.quantize import QUANTIZATION_FILE, save_quantized
 from formerkit.rundir import latest_pointer
 from formerkit.tokenizers import FORMERKIT_FILE, load_tokenizer
 
