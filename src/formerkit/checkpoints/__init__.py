@@ -13,10 +13,18 @@ from typing import Literal
 import torch
 
 from formerkit.checkpoints.directory import load_config
-from formerkit.checkpoints.files import read_weights, write_safetensors
-from formerkit.checkpoints.hf import state_from_hf, state_to_hf, write_hf_dir
+from formerkit.checkpoints.files import CheckpointTensors, write_safetensors
+from formerkit.checkpoints.hf import sources_from_hf, state_to_hf, write_hf_dir
 from formerkit.checkpoints.hf_families import family_of
-from formerkit.checkpoints.loading import load_weights_into, tied_names
+from formerkit.checkpoints.loading import (
+    assign_weights,
+    build_on_meta,
+    load_target,
+    load_weights_into,
+    native_sources,
+    tied_names,
+    tied_to,
+)
 from formerkit.checkpoints.quantized import QUANTIZATION_FILE, load_quantized
 from formerkit.checkpoints.special_ids import with_tokenizer_ids
 from formerkit.errors import InputError
@@ -43,22 +51,28 @@ def from_pretrained(
     GPT-2, the Llama family (Llama, Mistral, Qwen2, Qwen3), BERT, ViT, BART and T5 are understood; a
     sentence-transformers pooling config beside the weights sets ``config.pooling``.
     A training run directory loads its latest checkpoint; a directory of ``save_quantized``
-    loads as ``load_quantized`` does. Returns the model in eval mode.
+    loads as ``load_quantized`` does.
+
+    The model is built with its parameters on the meta device, and each tensor is read from
+    its memory-mapped file straight into place, converted to ``dtype`` (floating tensors;
+    default: the model's own, float32) on ``device`` (default: torch's default device):
+    nothing is initialized randomly and the checkpoint is never in memory beside the model
+    (safetensors; a ``.bin`` file stays mapped until the load ends). Returns the model in eval
+    mode. Raises CheckpointError naming every missing, unexpected or mis-shaped tensor,
+    InputError for a bad dtype or device.
     """
+    dtype, place = load_target(dtype, device)
     directory = resolve_checkpoint_dir(path)
     if (directory / QUANTIZATION_FILE).is_file():
-        return load_quantized(directory, dtype=dtype, device=device)
+        return load_quantized(directory, dtype=dtype, device=place)
     cfg = load_config(directory)
-    model = Transformer(cfg)
+    model = build_on_meta(cfg)
+    tensors = CheckpointTensors(directory)
     if (directory / NATIVE_CONFIG).is_file():
-        load_weights_into(model, read_weights(directory), directory)
+        sources = native_sources(tensors)
     else:
-        tied = tied_names(model)
-        state = state_from_hf(cfg, family_of(cfg), read_weights(directory), model.state_dict(), tied)
-        load_weights_into(model, state, directory)
-    if dtype is not None or device is not None:
-        model = model.to(device=device, dtype=dtype)
-    return model.eval()
+        sources = sources_from_hf(cfg, family_of(cfg), tensors, model.state_dict(), set(tied_to(model)))
+    return assign_weights(model, sources, tensors, directory, dtype=dtype, device=place).eval()
 
 
 def save_pretrained(model: Transformer, path: str | Path, format: Literal["native", "hf"] = "native", *,

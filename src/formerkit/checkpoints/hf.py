@@ -1,8 +1,13 @@
-"""Load and write Hugging Face checkpoint directories through the family's table in ``hf_maps``."""
+"""Hugging Face checkpoint weights both ways, through the family's table in ``hf_maps``.
+
+Reading plans each model tensor as a ``Source`` (checkpoint names + transform) and checks the
+plan against the model before a single tensor is read; writing translates a whole state dict.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -12,6 +17,7 @@ from formerkit.checkpoints.hf_common import Family
 from formerkit.checkpoints.hf_config import config_to_hf
 from formerkit.checkpoints.hf_families import family_of
 from formerkit.checkpoints.hf_maps import expand
+from formerkit.checkpoints.loading import Source, source_shape
 from formerkit.config import ModelConfig
 from formerkit.errors import CheckpointError
 from formerkit.fileio import write_json
@@ -22,18 +28,20 @@ def _split_sizes(cfg: ModelConfig, n_parts: int) -> list[int]:
     return [q, kv, kv] if n_parts == 3 else [kv, kv]
 
 
-def state_from_hf(cfg: ModelConfig, family: Family, hf_state: dict[str, torch.Tensor],
-                  model_state: dict[str, torch.Tensor], tied: set[str]) -> dict[str, torch.Tensor]:
-    """Translate a HF state dict into formerkit names, checked against the model's own tensors.
+def sources_from_hf(cfg: ModelConfig, family: Family, hf_state: Mapping[str, torch.Tensor],
+                    model_state: Mapping[str, torch.Tensor], tied: set[str]) -> dict[str, Source]:
+    """Plan each tensor of the model (formerkit names) from a HF checkpoint's tensors; return name -> Source.
 
-    ``tied`` names model tensors that alias another (the tied output projection): they are
-    neither loaded nor reported missing. Raises CheckpointError listing every missing,
-    unexpected and mis-shaped tensor.
+    Only shapes are looked at (BART's and T5's copies of the shared table are compared), so a
+    memory-mapped ``hf_state`` is not read. ``model_state`` gives the model's names and shapes
+    (a model on the meta device will do); ``tied`` names tensors that alias another (the tied
+    output projection): they are neither planned nor reported missing. Raises CheckpointError
+    listing every missing, unexpected and mis-shaped tensor.
     """
     prefix = family.base_prefix
-    theirs = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in hf_state.items()}
+    theirs = {(k[len(prefix):] if k.startswith(prefix) else k): k for k in hf_state}  # without prefix -> stored
     used: set[str] = set()
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Source] = {}
     missing, shapes, differ = [], [], []
     for ours, names, transform, _ in expand(family.weights(cfg), cfg.n_layers, cfg.decoder_layers):
         if ours not in model_state or ours in tied:
@@ -46,17 +54,14 @@ def state_from_hf(cfg: ModelConfig, family: Family, hf_state: dict[str, torch.Te
         if transform == "tied":  # copies of one tensor: read the first, check the others where present
             names = tuple(n for n in names if n in theirs)
             differ.extend(f"{n} differs from {names[0]}" for n in names[1:]
-                          if not torch.equal(theirs[n], theirs[names[0]]))
+                          if not torch.equal(hf_state[theirs[n]], hf_state[theirs[names[0]]]))
         used.update(names)
-        parts = [theirs[n] for n in names]
-        tensor = parts[0].t() if transform == "t" else torch.cat(parts) if transform == "cat" else parts[0]
-        if transform == "unbatch":
-            tensor = tensor.squeeze(0)  # (1, N, D) -> (N, D)
-        if tuple(tensor.shape) != tuple(model_state[ours].shape):
-            shapes.append(f"{' + '.join(names)}: checkpoint {tuple(tensor.shape)}, "
-                          f"model {tuple(model_state[ours].shape)}")
+        source = Source(tuple(theirs[n] for n in names), transform)
+        shape = source_shape(source, hf_state)
+        if shape != tuple(model_state[ours].shape):
+            shapes.append(f"{' + '.join(names)}: checkpoint {shape}, model {tuple(model_state[ours].shape)}")
             continue
-        out[ours] = tensor
+        out[ours] = source
     uncovered = [k for k in model_state if k not in out and k not in tied]
     ignored = [re.compile(p) for p in family.ignored]
     unexpected = [k for k in theirs if k not in used and not any(p.fullmatch(k) for p in ignored)]

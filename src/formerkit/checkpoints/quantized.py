@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from formerkit.checkpoints.files import read_weights, write_safetensors
-from formerkit.checkpoints.loading import load_weights_into, tied_names
+from formerkit.checkpoints.files import CheckpointTensors, write_safetensors
+from formerkit.checkpoints.loading import assign_weights, build_on_meta, load_target, native_sources, tied_names
 from formerkit.config import ModelConfig
 from formerkit.errors import CheckpointError, InputError
 from formerkit.fileio import read_json, write_json
@@ -51,8 +51,11 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype | None = None,
     """Load a checkpoint written by ``save_quantized`` (or a run directory's latest); return it in eval mode.
 
     dtype converts the float tensors (embeddings, norms, biases, scales); int8 weights stay int8.
-    The model is built in float first, then quantized, so peak memory is that of the float model.
+    The quantized model is built on the meta device and each tensor read straight into it, so
+    the float model never exists. Raises CheckpointError for a directory that is not an int8
+    checkpoint, InputError for a bad dtype or device.
     """
+    dtype, place = load_target(dtype, device)
     directory = resolve_checkpoint_dir(path)
     if not (directory / QUANTIZATION_FILE).is_file():
         raise CheckpointError(f"{directory} is not a quantized checkpoint (no {QUANTIZATION_FILE}); load it with "
@@ -60,9 +63,7 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype | None = None,
     meta = read_json(directory / QUANTIZATION_FILE)
     if meta.get("method") != METHOD:
         raise CheckpointError(f"{directory / QUANTIZATION_FILE}: unknown quantization method {meta.get('method')!r}")
-    model = Transformer(ModelConfig.from_dict(read_json(directory / NATIVE_CONFIG)))
+    model = build_on_meta(ModelConfig.from_dict(read_json(directory / NATIVE_CONFIG)))
     quantize_int8(model, quantize_tied_head=bool(meta.get("quantize_tied_head", True)))
-    load_weights_into(model, read_weights(directory), directory)
-    if dtype is not None or device is not None:
-        model = model.to(device=device, dtype=dtype)
-    return model.eval()
+    tensors = CheckpointTensors(directory)
+    return assign_weights(model, native_sources(tensors), tensors, directory, dtype=dtype, device=place).eval()

@@ -60,9 +60,13 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
-        """An Int8Linear holding the quantized weight of ``linear`` and sharing its bias."""
+        """An Int8Linear holding the quantized weight of ``linear`` and sharing its bias.
+
+        A layer on the meta device has no values to quantize: its int8 copy only takes the shapes.
+        """
         layer = cls(linear.in_features, linear.out_features, bias=False, device=linear.weight.device)
-        layer.weight, layer.scale = quantize_weight(linear.weight)
+        if not linear.weight.is_meta:
+            layer.weight, layer.scale = quantize_weight(linear.weight)
         layer.bias = linear.bias
         return layer
 
@@ -121,13 +125,13 @@ def quantize_int8(model: nn.Module, *, quantize_tied_head: bool = True) -> nn.Mo
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"quantize_int8 takes a torch.nn.Module, got {type(model).__name__}")
-    embedded = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # tied: the same Parameter
     swapped: dict[int, Int8Linear] = {}  # a layer reused in several places stays one module
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
-            if child.weight.data_ptr() in embedded and not quantize_tied_head:
+            if id(child.weight) in embedded and not quantize_tied_head:
                 continue
             if id(child) not in swapped:
                 swapped[id(child)] = Int8Linear.from_linear(child)
