@@ -41,7 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers  # noqa: E402
 
 import formerkit as fk  # noqa: E402
-from formerkit.quantize import quantize_int8  # noqa: E402
+from formerkit.layers.quantized import quantize_int8  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 

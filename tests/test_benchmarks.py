@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/train_throughput.py on a tiny model, so the benchmark cannot rot."""
+"""Smoke tests of the benchmark scripts (train_throughput, train_runs, load) on tiny models, so they cannot rot."""
 
 from __future__ import annotations
 
@@ -73,3 +73,16 @@ def test_whole_run_comparison_runs_all_three_on_the_same_data():
                                                                          rel=1e-4)
     assert math.isfinite(out["best"]["transformers Trainer"]["val_loss"])
     assert out["ratio"] > 0 and out["loop_share"] > 0
+
+
+@pytest.mark.slow
+def test_load_benchmark_measures_both_libraries_in_fresh_processes(capsys):
+    load = load_script("benchmarks/load.py")
+    out = load.main(["--small", "--repeats", "1"])
+    text = capsys.readouterr().out
+    assert "targets:" in text and "machine:" in text and "load + first read" in text
+    best = out["best"]
+    assert set(best) == {"formerkit", "transformers"} and out["disk"] > 0
+    assert best["formerkit"]["params"] == best["transformers"]["params"]  # the same model, tied head counted once
+    for b in best.values():
+        assert b["finite"] and b["seconds"] > 0 and b["increase"] > 0 and b["peak_after_use"] >= b["peak"]

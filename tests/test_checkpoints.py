@@ -10,9 +10,10 @@ from safetensors.torch import load_file, save_file
 
 import formerkit as fk
 from formerkit.checkpoints import tied_names
-from formerkit.checkpoints.hf import state_from_hf, state_to_hf
-from formerkit.checkpoints.hf_config import family_of
-from formerkit.checkpoints.hf_maps import TABLES, expand
+from formerkit.checkpoints.hf import sources_from_hf, state_to_hf
+from formerkit.checkpoints.hf_families import FAMILIES, family_of
+from formerkit.checkpoints.hf_maps import expand
+from formerkit.checkpoints.loading import build_tensor
 
 SMALL = dict(n_layers=2, d_model=32, n_heads=4, d_ff=48, vocab_size=64, max_seq_len=32)
 
@@ -60,20 +61,21 @@ def test_name_tables_round_trip_both_ways(preset, kw):
     tied = tied_names(model)
     state = {k: v for k, v in model.state_dict().items() if k not in tied}
     hf_config, hf_state = state_to_hf(model.config, state, tied)
-    family = hf_config["model_type"]
-    assert family == family_of(model.config)
-    back = state_from_hf(model.config, family, hf_state, model.state_dict(), tied)
-    assert back.keys() == state.keys()
+    family = family_of(model.config)
+    assert hf_config["model_type"] == family.model_type
+    sources = sources_from_hf(model.config, family, hf_state, model.state_dict(), tied)
+    assert sources.keys() == state.keys()
     for name, tensor in state.items():
-        assert torch.equal(back[name], tensor), name
+        assert torch.equal(build_tensor(sources[name], hf_state), tensor), name
     # every rule of the family's table names a distinct tensor on both sides
-    rules = expand(family, 2)
+    rules = expand(family.weights(model.config), 2)
     assert len({r[0] for r in rules}) == len(rules)
     assert len({n for r in rules for n in r[1]}) == sum(len(r[1]) for r in rules)
 
 
-def test_tables_cover_every_family_model():
-    assert set(TABLES) == {"gpt2", "bert", "llama", "mistral", "qwen2", "qwen3", "vit", "bart", "t5", "t5-gated"}
+def test_the_registry_holds_every_family():
+    assert set(FAMILIES) == {"gpt2", "bert", "llama", "mistral", "qwen2", "qwen3", "vit", "bart", "t5"}
+    assert all(f.model_type == name for name, f in FAMILIES.items())
 
 
 def _hf_dir(tmp_path, preset="gpt2"):

@@ -33,10 +33,10 @@ def hf_round_trip(cfg: fk.ModelConfig) -> tuple[dict[str, Any], fk.ModelConfig] 
     functions of formerkit.checkpoints.hf_config, only these two calls change.
     """
     try:
-        hf = cfg.to_hf()
+        hf = fk.config_to_hf(cfg)
     except fk.ConfigError:
         return None
-    return hf, fk.ModelConfig.from_hf(hf)
+    return hf, fk.config_from_hf(hf)
 
 
 def _model(cfg: fk.ModelConfig) -> fk.Transformer:

@@ -32,7 +32,7 @@ def _model(preset: str = "gpt2", **kw) -> fk.Transformer:
     (dict(max_new_tokens=-1), r"max_new_tokens must be an integer >= 0, got -1"),
     (dict(max_new_tokens=True), r"max_new_tokens must be an integer >= 0, got True"),
     (dict(temperature=-0.5), r"temperature must be >= 0 \(0: greedy\)"),
-    (dict(temperature="hot"), r"temperature must be a number, got 'hot'"),
+    (dict(temperature="hot"), r"temperature must be a finite number, got 'hot'"),
     (dict(top_k=0), r"top_k must be an integer >= 1 or None \(None: all tokens\), got 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
@@ -111,9 +111,9 @@ def test_model_config_eos_field():
     with pytest.raises(fk.ConfigError, match="eos_token_id must be a token id, a non-empty list"):
         fk.ModelConfig.from_preset("llama", **SMALL, eos_token_id=[])
     hf = {"model_type": "llama", "vocab_size": 100, "eos_token_id": [2, 128009]}
-    assert fk.ModelConfig.from_hf(hf).eos_token_id == 2  # ids outside the vocabulary are dropped
-    assert fk.ModelConfig.from_hf({"model_type": "gpt2", "vocab_size": 100}).eos_token_id is None  # 50256: outside
-    assert fk.ModelConfig.from_hf({"model_type": "llama", "vocab_size": 100}).eos_token_id == 2  # the family default
+    assert fk.config_from_hf(hf).eos_token_id == 2  # ids outside the vocabulary are dropped
+    assert fk.config_from_hf({"model_type": "gpt2", "vocab_size": 100}).eos_token_id is None  # 50256: outside
+    assert fk.config_from_hf({"model_type": "llama", "vocab_size": 100}).eos_token_id == 2  # the family default
 
 
 class _Script:

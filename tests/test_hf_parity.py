@@ -168,15 +168,15 @@ def test_pytorch_bin_and_sharded_checkpoints(tmp_path):
 
 
 def test_config_from_hf_reads_fields_not_names():
-    cfg = fk.ModelConfig.from_hf({
+    cfg = fk.config_from_hf({
         "model_type": "llama", "hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 6,
         "num_key_value_heads": 2, "intermediate_size": 200, "vocab_size": 500, "max_position_embeddings": 128,
         "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": True,
     })
     assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.d_ff) == (96, 3, 6, 2, 16, 200)
     assert cfg.rope_theta == 1e6 and cfg.tie_embeddings and cfg.norm == "rmsnorm" and cfg.gated
-    assert cfg.to_hf()["num_key_value_heads"] == 2
-    again = fk.ModelConfig.from_hf(cfg.to_hf())
+    assert fk.config_to_hf(cfg)["num_key_value_heads"] == 2
+    again = fk.config_from_hf(fk.config_to_hf(cfg))
     assert again == cfg
 
 
@@ -190,7 +190,7 @@ def test_config_from_hf_reads_fields_not_names():
 ])
 def test_from_hf_rejects_what_it_cannot_express(hf, fragment):
     with pytest.raises(fk.ConfigError, match=fragment):
-        fk.ModelConfig.from_hf(hf)
+        fk.config_from_hf(hf)
 
 
 def test_to_hf_rejects_configs_without_an_hf_family():
@@ -201,4 +201,4 @@ def test_to_hf_rejects_configs_without_an_hf_family():
         fk.ModelConfig(kind="decoder", position="alibi"),
     ]:
         with pytest.raises(fk.ConfigError, match="format='native'"):
-            cfg.to_hf()
+            fk.config_to_hf(cfg)

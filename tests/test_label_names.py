@@ -50,24 +50,24 @@ def test_native_round_trip_keeps_names(tmp_path):
 
 def test_hf_export_and_import_of_names():
     cfg = fk.ModelConfig(**BERT, num_labels=3, label_names=["neg", "neutral", "pos"])
-    hf = cfg.to_hf()
+    hf = fk.config_to_hf(cfg)
     assert hf["id2label"] == {"0": "neg", "1": "neutral", "2": "pos"}
     assert hf["label2id"] == {"neg": 0, "neutral": 1, "pos": 2}
-    assert fk.ModelConfig.from_hf(hf) == cfg
+    assert fk.config_from_hf(hf) == cfg
     unnamed = fk.ModelConfig(**BERT, num_labels=3)  # transformers' default names mean "no names"
-    assert unnamed.to_hf()["id2label"] == {"0": "LABEL_0", "1": "LABEL_1", "2": "LABEL_2"}
-    assert fk.ModelConfig.from_hf(unnamed.to_hf()) == unnamed
+    assert fk.config_to_hf(unnamed)["id2label"] == {"0": "LABEL_0", "1": "LABEL_1", "2": "LABEL_2"}
+    assert fk.config_from_hf(fk.config_to_hf(unnamed)) == unnamed
     keys_out_of_order = {**hf, "id2label": {"2": "pos", "0": "neg", "1": "neutral"}}
-    assert fk.ModelConfig.from_hf(keys_out_of_order).label_names == ["neg", "neutral", "pos"]
+    assert fk.config_from_hf(keys_out_of_order).label_names == ["neg", "neutral", "pos"]
     for odd in ({"0": "a", "1": "a"}, {"0": "a", "5": "b"}):  # maps formerkit cannot hold: read without names
-        read = fk.ModelConfig.from_hf({**hf, "id2label": odd})
+        read = fk.config_from_hf({**hf, "id2label": odd})
         assert read.num_labels == 2 and read.label_names is None
 
 
 def test_vit_classifier_names_round_trip():
     cfg = fk.ModelConfig.from_preset("vit-digits", num_labels=3, label_names=["zero", "one", "two"])
-    assert cfg.to_hf()["id2label"] == {"0": "zero", "1": "one", "2": "two"}
-    assert fk.ModelConfig.from_hf(cfg.to_hf()) == cfg
+    assert fk.config_to_hf(cfg)["id2label"] == {"0": "zero", "1": "one", "2": "two"}
+    assert fk.config_from_hf(fk.config_to_hf(cfg)) == cfg
 
 
 @pytest.mark.slow

@@ -12,17 +12,10 @@ from torch import nn
 
 import formerkit as fk
 from formerkit.cache import KVCache
+from formerkit.checkpoints.quantized import QUANTIZATION_FILE, load_quantized, save_quantized
 from formerkit.generate.speculative import speculative_generate
-from formerkit.quantize import (
-    QUANTIZATION_FILE,
-    Int8Linear,
-    add_quantize_command,
-    load_quantized,
-    quantize_int8,
-    quantize_weight,
-    save_quantized,
-    weight_bytes,
-)
+from formerkit.layers.quantized import Int8Linear, quantize_int8, quantize_weight
+from formerkit.quantize import add_quantize_command, weight_bytes
 
 SMALL = dict(n_layers=2, d_model=64, n_heads=4, d_ff=128, vocab_size=96, max_seq_len=40)
 IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))

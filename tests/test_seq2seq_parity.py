@@ -21,9 +21,10 @@ import formerkit as fk
 from conftest import PARITY_TOL, parity_error, reinit_for_parity, require
 from formerkit.cache import KVCache
 from formerkit.checkpoints import tied_names
-from formerkit.checkpoints.hf import state_from_hf, state_to_hf
-from formerkit.checkpoints.hf_config import family_of
-from formerkit.checkpoints.hf_maps import expand, table_name
+from formerkit.checkpoints.hf import sources_from_hf, state_to_hf
+from formerkit.checkpoints.hf_families import family_of
+from formerkit.checkpoints.hf_maps import expand
+from formerkit.checkpoints.loading import build_tensor
 from formerkit.generate.beam import beam_search
 from formerkit.layers.feedforward import ACTIVATIONS
 from formerkit.layers.position import relative_bucket
@@ -201,7 +202,7 @@ def test_cached_decoding_equals_recomputation(name):
     """Prefill 3 decoder tokens, then one at a time: the relative bias must use the cached query positions."""
     torch.manual_seed(0)
     hf = REFERENCES[name]().eval()
-    cfg = fk.ModelConfig.from_hf(hf.config.to_dict())
+    cfg = fk.config_from_hf(hf.config.to_dict())
     model = fk.Transformer(cfg).eval()  # formerkit's own random init (T5's bias is normal, not zero)
     src, src_mask, tgt, _ = _batch(seed=2)
     with torch.no_grad():
@@ -324,14 +325,14 @@ def test_name_tables_round_trip_both_ways(family, kw):
     tied = tied_names(model)
     state = {k: v for k, v in model.state_dict().items() if k not in tied}
     hf_config, hf_state = state_to_hf(model.config, state, tied)
-    assert hf_config["model_type"] == family == family_of(model.config)
-    back = state_from_hf(model.config, family, hf_state, model.state_dict(), tied)
-    assert back.keys() == state.keys()
-    assert all(torch.equal(back[name], tensor) for name, tensor in state.items())
-    rules = expand(table_name(family, model.config.gated), 2, 3)
+    assert hf_config["model_type"] == family == family_of(model.config).model_type
+    sources = sources_from_hf(model.config, family_of(model.config), hf_state, model.state_dict(), tied)
+    assert sources.keys() == state.keys()
+    assert all(torch.equal(build_tensor(sources[name], hf_state), tensor) for name, tensor in state.items())
+    rules = expand(family_of(model.config).weights(model.config), 2, 3)
     assert len({r[0] for r in rules}) == len(rules)
     assert len({n for r in rules for n in r[1]}) == sum(len(r[1]) for r in rules)
-    assert fk.ModelConfig.from_hf(hf_config) == model.config
+    assert fk.config_from_hf(hf_config) == model.config
 
 
 def test_diverging_embedding_copies_are_refused(tmp_path):
@@ -381,18 +382,18 @@ def test_hook_pattern_sees_probabilities_with_the_relative_bias():
 ])
 def test_from_hf_rejects_what_it_cannot_express(hf, fragment):
     with pytest.raises(fk.ConfigError, match=fragment):
-        fk.ModelConfig.from_hf(hf)
+        fk.config_from_hf(hf)
 
 
 def test_to_hf_names_what_does_not_fit():
     with pytest.raises(fk.ConfigError, match=r"qkv_bias=True \(needs False\).*format='native'"):
-        _small("t5", qkv_bias=True).config.to_hf()
+        fk.config_to_hf(_small("t5", qkv_bias=True).config)
     with pytest.raises(fk.ConfigError, match=r"position_offset=0 \(needs 2\)"):
-        _small("bart", position_offset=0).config.to_hf()
+        fk.config_to_hf(_small("bart", position_offset=0).config)
     with pytest.raises(fk.ConfigError, match="gated exact GELU"):
-        _small("t5", gated=True, activation="gelu").config.to_hf()
-    with pytest.raises(fk.ConfigError, match="BART has 'learned', T5 'relative'"):
-        _small("t5", position="rope").config.to_hf()
+        fk.config_to_hf(_small("t5", gated=True, activation="gelu").config)
+    with pytest.raises(fk.ConfigError, match=r"encoder-decoder has position 'learned' \(bart\) or 'relative' \(t5\)"):
+        fk.config_to_hf(_small("t5", position="rope").config)
 
 
 @pytest.mark.parametrize("kw, fragment", [
@@ -424,4 +425,4 @@ def test_presets_match_the_published_shapes(preset):
     hf = shapes[preset].to_dict()
     if preset == "t5-v1.1-small":  # the published config.json (transformers 5 rewrites this key when it builds one)
         hf = {**hf, "tie_word_embeddings": False, "scale_decoder_outputs": False}
-    assert fk.ModelConfig.from_preset(preset) == fk.ModelConfig.from_hf(hf)
+    assert fk.ModelConfig.from_preset(preset) == fk.config_from_hf(hf)

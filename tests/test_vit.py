@@ -11,8 +11,10 @@ import torch
 import formerkit as fk
 from conftest import PARITY_TOL, parity_error, reinit_for_parity, require
 from formerkit.checkpoints import tied_names
-from formerkit.checkpoints.hf import state_from_hf, state_to_hf
-from formerkit.checkpoints.hf_maps import expand
+from formerkit.checkpoints.hf import sources_from_hf, state_to_hf
+from formerkit.checkpoints.hf_families import FAMILIES
+from formerkit.checkpoints.hf_maps import VIT, expand
+from formerkit.checkpoints.loading import build_tensor
 from formerkit.heads import pool
 from formerkit.layers.feedforward import ACTIVATIONS
 
@@ -161,11 +163,11 @@ def test_vit_name_table_round_trips_both_ways(kw):
     assert hf_config["model_type"] == "vit"
     assert hf_state[("vit." if model.config.head != "none" else "") + "embeddings.position_embeddings"].shape \
         == (1, 17, 32)
-    back = state_from_hf(model.config, "vit", hf_state, state, tied)
-    assert back.keys() == state.keys()
+    sources = sources_from_hf(model.config, FAMILIES["vit"], hf_state, state, tied)
+    assert sources.keys() == state.keys()
     for name, tensor in state.items():
-        assert torch.equal(back[name], tensor), name
-    rules = expand("vit", 2)
+        assert torch.equal(build_tensor(sources[name], hf_state), tensor), name
+    rules = expand(VIT, 2)
     assert len({r[0] for r in rules}) == len(rules)
     assert len({n for r in rules for n in r[1]}) == sum(len(r[1]) for r in rules)
 
@@ -193,7 +195,7 @@ def test_configs_hf_cannot_hold_are_refused(tmp_path):
 ])
 def test_from_hf_rejects_what_it_cannot_express(hf, fragment):
     with pytest.raises(fk.ConfigError, match=fragment):
-        fk.ModelConfig.from_hf(hf)
+        fk.config_from_hf(hf)
 
 
 class TestParity:

@@ -1,9 +1,8 @@
 """formerkit: the Transformer and its families as one small, tested PyTorch library."""
 
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _version
-
 from formerkit.checkpoints import from_pretrained, save_pretrained
+from formerkit.checkpoints.hf_config import config_from_hf, config_to_hf
+from formerkit.checkpoints.quantized import load_quantized, save_quantized
 from formerkit.config import ModelConfig
 from formerkit.embed import embed
 from formerkit.errors import (
@@ -24,9 +23,9 @@ from formerkit.generate import (
     generate_text,
     speculative_generate,
 )
+from formerkit.layers.quantized import Int8Linear, quantize_int8
 from formerkit.model import ModelOutput, Transformer
 from formerkit.predict import classify, fill_mask
-from formerkit.quantize import Int8Linear, load_quantized, quantize_int8, save_quantized
 from formerkit.tokenizers import (
     ByteTokenizer,
     CharTokenizer,
@@ -36,11 +35,7 @@ from formerkit.tokenizers import (
     load_tokenizer,
     train_bpe,
 )
-
-try:
-    __version__ = _version("formerkit")  # the installed distribution's, so it cannot drift from pyproject.toml
-except PackageNotFoundError:  # a source tree on sys.path that was never installed
-    __version__ = "0+unknown"
+from formerkit.version import __version__ as __version__
 
 __all__ = [
     "BeamOutput",
@@ -64,6 +59,8 @@ __all__ = [
     "beam_search",
     "build_tokenizer",
     "classify",
+    "config_from_hf",
+    "config_to_hf",
     "embed",
     "fill_mask",
     "from_pretrained",

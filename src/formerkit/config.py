@@ -1,8 +1,9 @@
 """ModelConfig: one typed, validated description of every model formerkit builds.
 
 A handful of enumerated fields (``kind``, ``position``, ``norm``, ``activation``, ``head``)
-select the architecture; the rest are sizes and switches. Presets name well-known shapes;
-``from_hf``/``to_hf`` translate Hugging Face ``config.json`` dictionaries.
+select the architecture; the rest are sizes and switches. Presets name well-known shapes.
+Hugging Face ``config.json`` dictionaries are translated by ``formerkit.checkpoints.hf_config``
+(``config_from_hf``/``config_to_hf``), which builds on this module and never the other way round.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Literal, get_args
 
 from formerkit.errors import ConfigError, did_you_mean
 from formerkit.fieldtypes import check_fields
+from formerkit.fileio import atomic_write, json_text
 
 Kind = Literal["decoder", "encoder", "encoder-decoder"]
 Position = Literal["learned", "sinusoidal", "rope", "alibi", "relative", "none"]
@@ -197,27 +199,14 @@ class ModelConfig:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """Serialize to JSON; also write it to ``path`` when one is given."""
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        text = json_text(self.to_dict())
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
         return text
 
     def replace(self, **changes: Any) -> ModelConfig:
         """Return a copy with some fields changed (validated, unknown keys rejected)."""
         return ModelConfig.from_dict({**self.to_dict(), **changes})
-
-    @classmethod
-    def from_hf(cls, hf_config: dict[str, Any]) -> ModelConfig:
-        """Infer a config from a Hugging Face ``config.json`` dict (GPT-2, Llama family, BERT, BART, T5)."""
-        from formerkit.checkpoints.hf_config import config_from_hf
-
-        return config_from_hf(hf_config)
-
-    def to_hf(self) -> dict[str, Any]:
-        """Return the equivalent Hugging Face ``config.json`` dict, or raise ConfigError."""
-        from formerkit.checkpoints.hf_config import config_to_hf
-
-        return config_to_hf(self)
 
 
 def _choice(cfg: ModelConfig, name: str, literal: Any) -> None:

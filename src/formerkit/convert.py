@@ -20,8 +20,9 @@ from typing import Literal
 
 from formerkit.checkpoints import NATIVE_CONFIG, from_pretrained, resolve_checkpoint_dir, save_pretrained
 from formerkit.checkpoints.files import WEIGHT_FILES
+from formerkit.checkpoints.quantized import QUANTIZATION_FILE, save_quantized
 from formerkit.errors import CheckpointError, InputError
-from formerkit.quantize import QUANTIZATION_FILE, save_quantized
+from formerkit.rundir import latest_pointer
 from formerkit.tokenizers import FORMERKIT_FILE, load_tokenizer
 
 FORMATS = ("native", "hf")
@@ -56,7 +57,7 @@ def _check_target(source: Path, checkpoint: Path, target: Path) -> None:
                               "it reads; choose another --out directory")
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"--out {target} is a file; choose a directory")
-    if (target / "checkpoints" / "latest").is_file():
+    if latest_pointer(target).is_file():
         raise CheckpointError(f"--out {target} is a training run directory (from_pretrained would load its "
                               "checkpoints/latest, not the converted files); choose another --out directory")
 

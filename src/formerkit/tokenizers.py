@@ -24,6 +24,8 @@ from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from formerkit.errors import CheckpointError, ConfigError, DataError, FormerkitWarning, InputError, did_you_mean
+from formerkit.fileio import atomic_write, read_json, write_json
+from formerkit.rundir import resolve_checkpoint_dir
 
 _SPECIAL_KEYS = ("pad_token", "bos_token", "eos_token", "unk_token", "cls_token", "sep_token", "mask_token")
 FORMERKIT_FILE = "formerkit_tokenizer.json"  # byte and char tokenizers save this; HF ones save tokenizer.json
@@ -218,8 +220,6 @@ class HFTokenizer:
         (``PreTrainedTokenizerFast`` unless the loaded config named one), so that
         ``transformers.AutoTokenizer.from_pretrained(directory)`` loads it too.
         """
-        from formerkit.checkpoints.files import atomic_write, write_json
-
         path = Path(directory)
         atomic_write(path / "tokenizer.json", lambda tmp: self._tok.save(str(tmp)))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.config, **self.special_tokens,
@@ -313,8 +313,6 @@ class _TableTokenizer:
 
     def save(self, directory: str | Path) -> None:
         """Write ``formerkit_tokenizer.json`` (kind, table, max length) into ``directory``."""
-        from formerkit.checkpoints.files import write_json
-
         write_json(Path(directory) / FORMERKIT_FILE, {**self._state(), "model_max_length": self.max_length})
 
 
@@ -454,20 +452,8 @@ def _special_tokens(config: dict) -> dict[str, str]:
     return out
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _load_table(file: Path) -> ByteTokenizer | CharTokenizer:
-    state = _read_json(file)
+    state = read_json(file)
     max_length = state.get("model_max_length")
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise CheckpointError(f"{file}: model_max_length must be a positive integer or absent, got {max_length!r}")
@@ -493,8 +479,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     sentence_bert_config.json (sentence-transformers) or tokenizer_config.json's model_max_length.
     A training run directory gives the tokenizer of its latest checkpoint.
     """
-    from formerkit.checkpoints import resolve_checkpoint_dir
-
     path = Path(path)
     if path.is_dir():
         path = resolve_checkpoint_dir(path)
@@ -511,8 +495,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         tokenizer = _RustTokenizer.from_file(str(file))
     except Exception as err:  # the Rust library raises a bare Exception on malformed files
         raise CheckpointError(f"cannot read tokenizer {file}: {err}") from err
-    config = {**_read_json(directory / "special_tokens_map.json"), **_read_json(directory / "tokenizer_config.json")}
-    max_length = _read_json(directory / "sentence_bert_config.json").get("max_seq_length")
+    config = {**read_json(directory / "special_tokens_map.json", optional=True),
+              **read_json(directory / "tokenizer_config.json", optional=True)}
+    max_length = read_json(directory / "sentence_bert_config.json", optional=True).get("max_seq_length")
     if max_length is None:
         model_max = config.get("model_max_length")
         max_length = model_max if isinstance(model_max, int) and model_max < 1_000_000 else None

@@ -1,17 +1,26 @@
-"""Load and write Hugging Face checkpoint directories through the tables in ``hf_maps``."""
+"""Hugging Face checkpoint weights both ways, through the family's table in ``hf_maps``.
+
+Reading plans each model tensor as a ``Source`` (checkpoint names + transform) and checks the
+plan against the model before a single tensor is read; writing translates a whole state dict.
+"""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from formerkit.checkpoints.files import write_json, write_safetensors
+from formerkit.checkpoints.files import write_safetensors
+from formerkit.checkpoints.hf_common import Family
 from formerkit.checkpoints.hf_config import config_to_hf
-from formerkit.checkpoints.hf_maps import BASE_PREFIX, IGNORED, expand, table_name
+from formerkit.checkpoints.hf_families import family_of
+from formerkit.checkpoints.hf_maps import expand
+from formerkit.checkpoints.loading import Source, source_shape
 from formerkit.config import ModelConfig
 from formerkit.errors import CheckpointError
+from formerkit.fileio import write_json
 
 
 def _split_sizes(cfg: ModelConfig, n_parts: int) -> list[int]:
@@ -19,20 +28,22 @@ def _split_sizes(cfg: ModelConfig, n_parts: int) -> list[int]:
     return [q, kv, kv] if n_parts == 3 else [kv, kv]
 
 
-def state_from_hf(cfg: ModelConfig, family: str, hf_state: dict[str, torch.Tensor],
-                  model_state: dict[str, torch.Tensor], tied: set[str]) -> dict[str, torch.Tensor]:
-    """Translate a HF state dict into formerkit names, checked against the model's own tensors.
+def sources_from_hf(cfg: ModelConfig, family: Family, hf_state: Mapping[str, torch.Tensor],
+                    model_state: Mapping[str, torch.Tensor], tied: set[str]) -> dict[str, Source]:
+    """Plan each tensor of the model (formerkit names) from a HF checkpoint's tensors; return name -> Source.
 
-    ``tied`` names model tensors that alias another (the tied output projection): they are
-    neither loaded nor reported missing. Raises CheckpointError listing every missing,
-    unexpected and mis-shaped tensor.
+    Only shapes are looked at (BART's and T5's copies of the shared table are compared), so a
+    memory-mapped ``hf_state`` is not read. ``model_state`` gives the model's names and shapes
+    (a model on the meta device will do); ``tied`` names tensors that alias another (the tied
+    output projection): they are neither planned nor reported missing. Raises CheckpointError
+    listing every missing, unexpected and mis-shaped tensor.
     """
-    prefix = BASE_PREFIX[family]
-    theirs = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in hf_state.items()}
+    prefix = family.base_prefix
+    theirs = {(k[len(prefix):] if k.startswith(prefix) else k): k for k in hf_state}  # without prefix -> stored
     used: set[str] = set()
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Source] = {}
     missing, shapes, differ = [], [], []
-    for ours, names, transform, _ in expand(table_name(family, cfg.gated), cfg.n_layers, cfg.decoder_layers):
+    for ours, names, transform, _ in expand(family.weights(cfg), cfg.n_layers, cfg.decoder_layers):
         if ours not in model_state or ours in tied:
             used.update(n for n in names if ours in tied)
             continue
@@ -43,19 +54,16 @@ def state_from_hf(cfg: ModelConfig, family: str, hf_state: dict[str, torch.Tenso
         if transform == "tied":  # copies of one tensor: read the first, check the others where present
             names = tuple(n for n in names if n in theirs)
             differ.extend(f"{n} differs from {names[0]}" for n in names[1:]
-                          if not torch.equal(theirs[n], theirs[names[0]]))
+                          if not torch.equal(hf_state[theirs[n]], hf_state[theirs[names[0]]]))
         used.update(names)
-        parts = [theirs[n] for n in names]
-        tensor = parts[0].t() if transform == "t" else torch.cat(parts) if transform == "cat" else parts[0]
-        if transform == "unbatch":
-            tensor = tensor.squeeze(0)  # (1, N, D) -> (N, D)
-        if tuple(tensor.shape) != tuple(model_state[ours].shape):
-            shapes.append(f"{' + '.join(names)}: checkpoint {tuple(tensor.shape)}, "
-                          f"model {tuple(model_state[ours].shape)}")
+        source = Source(tuple(theirs[n] for n in names), transform)
+        shape = source_shape(source, hf_state)
+        if shape != tuple(model_state[ours].shape):
+            shapes.append(f"{' + '.join(names)}: checkpoint {shape}, model {tuple(model_state[ours].shape)}")
             continue
-        out[ours] = tensor
+        out[ours] = source
     uncovered = [k for k in model_state if k not in out and k not in tied]
-    ignored = [re.compile(p) for p in IGNORED[family]]
+    ignored = [re.compile(p) for p in family.ignored]
     unexpected = [k for k in theirs if k not in used and not any(p.fullmatch(k) for p in ignored)]
     problems = []
     if missing:
@@ -69,18 +77,18 @@ def state_from_hf(cfg: ModelConfig, family: str, hf_state: dict[str, torch.Tenso
     if not missing and not shapes and uncovered:
         problems.append(f"not provided by the checkpoint: {', '.join(uncovered)}")
     if problems:
-        raise CheckpointError(f"the {family} checkpoint does not match the model from its config.json — "
+        raise CheckpointError(f"the {family.model_type} checkpoint does not match the model from its config.json — "
                               + " | ".join(problems))
     return out
 
 
 def state_to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], tied: set[str]) -> tuple[dict, dict]:
-    """Translate a formerkit state dict to (HF config dict, HF state dict)."""
+    """Translate a formerkit state dict to (HF config dict, HF state dict); ConfigError when no family fits."""
     hf_config = config_to_hf(cfg)
-    family = hf_config["model_type"]
-    prefix = BASE_PREFIX[family] if cfg.head != "none" else ""
+    family = family_of(cfg)
+    prefix = family.base_prefix if cfg.head != "none" else ""
     out: dict[str, torch.Tensor] = {}
-    for ours, names, transform, is_head in expand(table_name(family, cfg.gated), cfg.n_layers, cfg.decoder_layers):
+    for ours, names, transform, is_head in expand(family.weights(cfg), cfg.n_layers, cfg.decoder_layers):
         if ours not in state or ours in tied:
             continue
         tensor = state[ours]

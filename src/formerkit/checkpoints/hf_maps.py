@@ -8,16 +8,15 @@ Each rule is ``(ours, theirs, transform)``; ``{i}`` stands for a layer index and
 ``tied`` (one tensor kept under several names, BART's and T5's ``shared`` table and its
 encoder/decoder copies: the first name is required, the others must equal it where present,
 and all are written).
-Names in ``BASE`` tables live under the family's base-model prefix (``transformer.``,
-``model.``, ``bert.``) in checkpoints that carry a head; ``HEAD`` names never do.
+A ``Table`` is (base rules, head rules). Base names live under the family's base-model prefix
+(``transformer.``, ``model.``, ``bert.``: ``Family.base_prefix``) in checkpoints that carry a
+head; head names never do. Which family uses which table is said by the registry in ``hf_families``.
 """
 
 from __future__ import annotations
 
 Rule = tuple[str, tuple[str, ...], str]
-
-BASE_PREFIX = {"gpt2": "transformer.", "bert": "bert.", "llama": "model.", "mistral": "model.",
-               "qwen2": "model.", "qwen3": "model.", "vit": "vit.", "bart": "model.", "t5": ""}
+Table = tuple[list[Rule], list[Rule]]
 
 _GPT2_BASE: list[Rule] = [
     ("tok_embed.weight", ("wte.weight",), "copy"),
@@ -166,42 +165,24 @@ _T5_GATED_MLP: list[Rule] = [  # T5 v1.1: act(wi_0 x) * wi_1 x
     ("{s}.blocks.{i}.mlp.fc_in.weight", ("{s}.block.{i}.layer.{ff}.DenseReluDense.wi_1.weight",), "copy"),
 ]
 
-TABLES: dict[str, tuple[list[Rule], list[Rule]]] = {
-    "gpt2": (_GPT2_BASE, _CAUSAL_HEAD),
-    "bert": (_BERT_BASE, _BERT_HEAD),
-    "vit": (_VIT_BASE, _VIT_HEAD),
-    **{name: (_LLAMA_BASE, _CAUSAL_HEAD) for name in ("llama", "mistral", "qwen2", "qwen3")},
-    "bart": (_BART_BASE, _BART_HEAD),
-    "t5": (_SHARED_EMBED + _both_stacks(_T5_STACK + _T5_MLP) + _T5_CROSS, _CAUSAL_HEAD),
-    "t5-gated": (_SHARED_EMBED + _both_stacks(_T5_STACK + _T5_GATED_MLP) + _T5_CROSS, _CAUSAL_HEAD),
-}
-
-# Tensors some checkpoints carry that hold no weights of their own (buffers, tied copies,
-# heads formerkit does not model): regular expressions over names without the base prefix.
-IGNORED = {
-    "gpt2": [r"h\.\d+\.attn\.(masked_)?bias"],
-    "bert": [r"embeddings\.position_ids", r"cls\.predictions\.decoder\.bias", r"cls\.seq_relationship\..*"],
-    "vit": [],
-    **{name: [r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq"] for name in ("llama", "mistral", "qwen2", "qwen3")},
-    "bart": [],
-    "t5": [r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight"],  # unused by T5
-}
-
-
-def table_name(family: str, gated: bool) -> str:
-    """The ``TABLES`` key for a family's layout: T5 with a gated MLP (v1.1) has its own table."""
-    return "t5-gated" if family == "t5" and gated else family
+GPT2: Table = (_GPT2_BASE, _CAUSAL_HEAD)
+LLAMA: Table = (_LLAMA_BASE, _CAUSAL_HEAD)
+BERT: Table = (_BERT_BASE, _BERT_HEAD)
+VIT: Table = (_VIT_BASE, _VIT_HEAD)
+BART: Table = (_BART_BASE, _BART_HEAD)
+T5: Table = (_SHARED_EMBED + _both_stacks(_T5_STACK + _T5_MLP) + _T5_CROSS, _CAUSAL_HEAD)
+T5_GATED: Table = (_SHARED_EMBED + _both_stacks(_T5_STACK + _T5_GATED_MLP) + _T5_CROSS, _CAUSAL_HEAD)
 
 
 def expand(
-    family: str, n_layers: int, n_decoder_layers: int | None = None
+    table: Table, n_layers: int, n_decoder_layers: int | None = None
 ) -> list[tuple[str, tuple[str, ...], str, bool]]:
-    """List concrete ``(ours, theirs, transform, is_head)`` names for a model of ``n_layers``.
+    """List concrete ``(ours, theirs, transform, is_head)`` names of ``table`` for a model of ``n_layers``.
 
-    ``family`` is a ``TABLES`` key. Rules for ``decoder.`` names of an encoder-decoder count
-    ``n_decoder_layers`` layers (default: ``n_layers``).
+    Rules for ``decoder.`` names of an encoder-decoder count ``n_decoder_layers`` layers
+    (default: ``n_layers``).
     """
-    base, head = TABLES[family]
+    base, head = table
     out = []
     for rules, is_head in ((base, False), (head, True)):
         for ours, theirs, transform in rules:

@@ -1,4 +1,4 @@
-"""Hugging Face ``config.json`` <-> ModelConfig for the encoder-decoder families BART and T5.
+"""The encoder-decoder Hugging Face families, BART and T5: config translations and registry entries.
 
 BART: learned positions read at ``position + 2``, post-LN with a norm of the summed
 embeddings, a bias on the logits (``final_logits_bias``), token embeddings optionally scaled
@@ -10,15 +10,18 @@ rescaled by d_model ** -0.5 before a tied output projection.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from formerkit.checkpoints.hf_config import (
-    _HF_ACTIVATIONS,
-    _TO_HF_ACTIVATION,
-    _activation,
-    _mismatches,
+from formerkit.checkpoints.hf_common import (
+    HF_ACTIVATIONS,
+    TO_HF_ACTIVATION,
+    Family,
+    activation,
     head_from_architectures,
+    mismatches,
 )
+from formerkit.checkpoints.hf_maps import BART, T5, T5_GATED
 from formerkit.config import ModelConfig
 from formerkit.errors import ConfigError
 
@@ -36,7 +39,7 @@ def _head(hf: dict[str, Any], family: str) -> str:
     return head_from_architectures(hf, "lm")
 
 
-def from_bart(hf: dict[str, Any]) -> dict[str, Any]:
+def _bart_in(hf: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig fields of a BART ``config.json`` dict; ConfigError for what formerkit cannot express."""
     for encoder, decoder, default in [("encoder_attention_heads", "decoder_attention_heads", 16),
                                       ("encoder_ffn_dim", "decoder_ffn_dim", 4096)]:
@@ -51,7 +54,7 @@ def from_bart(hf: dict[str, Any]) -> dict[str, Any]:
         "n_heads": hf.get("encoder_attention_heads", 16), "d_ff": hf.get("encoder_ffn_dim", 4096),
         "max_seq_len": hf.get("max_position_embeddings", 1024), "position": "learned",
         "position_offset": BART_POSITION_OFFSET, "norm": "layernorm", "norm_eps": 1e-5, "norm_placement": "post",
-        "final_norm": False, "embed_norm": True, "activation": _activation(hf, "activation_function", "gelu"),
+        "final_norm": False, "embed_norm": True, "activation": activation(hf, "activation_function", "gelu"),
         "attn_dropout": hf.get("attention_dropout", 0.0), "resid_dropout": dropout, "embed_dropout": dropout,
         "embed_scale": bool(hf.get("scale_embedding", False)), "tie_embeddings": hf.get("tie_word_embeddings", True),
         "head": head, "lm_head_bias": head == "lm", "pad_token_id": hf.get("pad_token_id", 1),
@@ -66,15 +69,15 @@ def _t5_mlp(hf: dict[str, Any]) -> tuple[str, bool]:
     if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
         raise ConfigError(f'feed_forward_proj="{proj}" is not a T5 feed-forward type; use "ACT" or "gated-ACT"')
     name = "gelu_new" if proj == "gated-gelu" else parts[-1]  # T5 v1.1's "gated-gelu" is the tanh approximation
-    if name not in _HF_ACTIVATIONS:
+    if name not in HF_ACTIVATIONS:
         raise ConfigError(f'feed_forward_proj="{proj}": activation "{name}" is not supported; formerkit knows '
-                          f'{", ".join(_HF_ACTIVATIONS)}')
-    return _HF_ACTIVATIONS[name], len(parts) == 2
+                          f'{", ".join(HF_ACTIVATIONS)}')
+    return HF_ACTIVATIONS[name], len(parts) == 2
 
 
-def from_t5(hf: dict[str, Any]) -> dict[str, Any]:
+def _t5_in(hf: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig fields of a T5 ``config.json`` dict (original T5 and v1.1); ConfigError if unsupported."""
-    activation, gated = _t5_mlp(hf)
+    act, gated = _t5_mlp(hf)
     head = _head(hf, "t5")
     tie = hf.get("tie_word_embeddings", True)
     # transformers 5 writes scale_decoder_outputs; older configs rescale exactly when the head is tied
@@ -91,7 +94,7 @@ def from_t5(hf: dict[str, Any]) -> dict[str, Any]:
         "relative_buckets": hf.get("relative_attention_num_buckets", 32),
         "relative_max_distance": hf.get("relative_attention_max_distance", 128),
         "norm": "rmsnorm", "norm_bias": False, "norm_eps": hf.get("layer_norm_epsilon", 1e-6),
-        "norm_placement": "pre", "final_norm": True, "activation": activation, "gated": gated,
+        "norm_placement": "pre", "final_norm": True, "activation": act, "gated": gated,
         "qkv_bias": False, "out_bias": False, "mlp_bias": False, "attn_scale": 1.0,
         "attn_dropout": dropout, "resid_dropout": dropout, "embed_dropout": dropout,
         "tie_embeddings": tie, "lm_head_scale": scale and head == "lm", "head": head, "pad_token_id": pad,
@@ -99,56 +102,72 @@ def from_t5(hf: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def seq2seq_family(cfg: ModelConfig) -> tuple[str, list[str]]:
-    """(family, problems) for an encoder-decoder config: 'bart' for learned positions, 't5' for relative.
-
-    ``problems`` lists every field the family's Hugging Face layout cannot hold; ConfigError
-    when no family has the config's position scheme.
-    """
-    common = dict(parallel_block=False, qk_norm=False, sliding_window=None, n_kv_heads=None, pooler=False)
-    if cfg.position == "learned":
-        family = "bart"
-        problems = _mismatches(cfg, position_offset=BART_POSITION_OFFSET, norm="layernorm", norm_bias=True,
-                               norm_eps=1e-5, norm_placement="post", final_norm=False, embed_norm=True, gated=False,
-                               qkv_bias=True, out_bias=True, mlp_bias=True, d_head=None, attn_scale=None,
-                               lm_head_scale=False, lm_head_bias=cfg.head == "lm", **common)
-    elif cfg.position == "relative":
-        family = "t5"
-        problems = _mismatches(cfg, norm="rmsnorm", norm_placement="pre", final_norm=True, embed_norm=False,
-                               embed_scale=False, qkv_bias=False, out_bias=False, mlp_bias=False, attn_scale=1.0,
-                               lm_head_bias=False, **common)
-        if cfg.gated and cfg.activation == "gelu":
-            problems.append("gated exact GELU (T5's 'gated-gelu' is the tanh approximation; use gelu_tanh)")
-    else:
-        raise ConfigError(f"no Hugging Face family matches kind='encoder-decoder' with position={cfg.position!r} "
-                          "(BART has 'learned', T5 'relative'); save with format='native' instead")
-    if cfg.head not in ("lm", "none"):
-        problems.append(f"head={cfg.head!r} ({family} is written as a conditional-generation or base model)")
-    return family, problems
+_COMMON = dict(parallel_block=False, qk_norm=False, sliding_window=None, n_kv_heads=None, pooler=False)
 
 
-def architecture(family: str, head: str) -> str:
-    """The transformers class of a BART/T5 model: ``...ForConditionalGeneration`` or the base ``...Model``."""
-    return _ARCH_PREFIX[family] + ("ForConditionalGeneration" if head == "lm" else "Model")
+def _head_problems(cfg: ModelConfig, family: str) -> list[str]:
+    if cfg.head in ("lm", "none"):
+        return []
+    return [f"head={cfg.head!r} ({family} is written as a conditional-generation or base model)"]
 
 
-def seq2seq_to_hf(cfg: ModelConfig, family: str) -> dict[str, Any]:
-    """The family-specific fields of a BART or T5 ``config.json`` for ``cfg`` (see ``seq2seq_family``)."""
-    shared = {"is_encoder_decoder": True, "decoder_start_token_id": cfg.decoder_start_token_id}
-    if family == "bart":
-        return {**shared, "d_model": cfg.d_model, "encoder_layers": cfg.n_layers,
-                "decoder_layers": cfg.decoder_layers, "encoder_attention_heads": cfg.n_heads,
-                "decoder_attention_heads": cfg.n_heads, "encoder_ffn_dim": cfg.d_ff, "decoder_ffn_dim": cfg.d_ff,
-                "max_position_embeddings": cfg.max_seq_len, "activation_function": _TO_HF_ACTIVATION[cfg.activation],
-                "dropout": cfg.resid_dropout, "attention_dropout": cfg.attn_dropout, "activation_dropout": 0.0,
-                "scale_embedding": cfg.embed_scale}
-    if cfg.decoder_start_token_id is None:  # T5 starts decoding from its pad token: what from_t5 reads for null
-        shared["decoder_start_token_id"] = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-    activation = {"gelu_tanh": "gelu" if cfg.gated else "gelu_new"}.get(cfg.activation, cfg.activation)
-    return {**shared, "d_model": cfg.d_model, "d_kv": cfg.head_dim, "d_ff": cfg.d_ff, "num_layers": cfg.n_layers,
-            "num_decoder_layers": cfg.decoder_layers, "num_heads": cfg.n_heads,
+def _bart_problems(cfg: ModelConfig) -> list[str]:
+    return mismatches(cfg, position_offset=BART_POSITION_OFFSET, norm="layernorm", norm_bias=True, norm_eps=1e-5,
+                      norm_placement="post", final_norm=False, embed_norm=True, gated=False, qkv_bias=True,
+                      out_bias=True, mlp_bias=True, d_head=None, attn_scale=None, lm_head_scale=False,
+                      lm_head_bias=cfg.head == "lm", **_COMMON) + _head_problems(cfg, "bart")
+
+
+def _t5_problems(cfg: ModelConfig) -> list[str]:
+    problems = mismatches(cfg, norm="rmsnorm", norm_placement="pre", final_norm=True, embed_norm=False,
+                          embed_scale=False, qkv_bias=False, out_bias=False, mlp_bias=False, attn_scale=1.0,
+                          lm_head_bias=False, **_COMMON)
+    if cfg.gated and cfg.activation == "gelu":
+        problems.append("gated exact GELU (T5's 'gated-gelu' is the tanh approximation; use gelu_tanh)")
+    return problems + _head_problems(cfg, "t5")
+
+
+def _architecture(family: str) -> Callable[[str], str]:
+    """The transformers class of a BART/T5 head: ``...ForConditionalGeneration`` or the base ``...Model``."""
+    return lambda head: _ARCH_PREFIX[family] + ("ForConditionalGeneration" if head == "lm" else "Model")
+
+
+def _shared_out(cfg: ModelConfig) -> dict[str, Any]:
+    start = cfg.decoder_start_token_id
+    if start is None:  # decoding starts from the pad token: what the readers take a null start for
+        start = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    return {"is_encoder_decoder": True, "decoder_start_token_id": start}
+
+
+def _bart_out(cfg: ModelConfig) -> dict[str, Any]:
+    return {**_shared_out(cfg), "d_model": cfg.d_model, "encoder_layers": cfg.n_layers,
+            "decoder_layers": cfg.decoder_layers, "encoder_attention_heads": cfg.n_heads,
+            "decoder_attention_heads": cfg.n_heads, "encoder_ffn_dim": cfg.d_ff, "decoder_ffn_dim": cfg.d_ff,
+            "max_position_embeddings": cfg.max_seq_len, "activation_function": TO_HF_ACTIVATION[cfg.activation],
+            "dropout": cfg.resid_dropout, "attention_dropout": cfg.attn_dropout, "activation_dropout": 0.0,
+            "scale_embedding": cfg.embed_scale}
+
+
+def _t5_out(cfg: ModelConfig) -> dict[str, Any]:
+    act = {"gelu_tanh": "gelu" if cfg.gated else "gelu_new"}.get(cfg.activation, cfg.activation)
+    return {**_shared_out(cfg), "d_model": cfg.d_model, "d_kv": cfg.head_dim, "d_ff": cfg.d_ff,
+            "num_layers": cfg.n_layers, "num_decoder_layers": cfg.decoder_layers, "num_heads": cfg.n_heads,
             "relative_attention_num_buckets": cfg.relative_buckets,
             "relative_attention_max_distance": cfg.relative_max_distance, "dropout_rate": cfg.resid_dropout,
             "layer_norm_epsilon": cfg.norm_eps, "n_positions": cfg.max_seq_len,
-            "feed_forward_proj": f"gated-{activation}" if cfg.gated else activation,
+            "feed_forward_proj": f"gated-{act}" if cfg.gated else act,
             "scale_decoder_outputs": cfg.lm_head_scale}
+
+
+BART_FAMILY = Family(
+    model_type="bart", kind="encoder-decoder", position="learned", config_in=_bart_in, config_out=_bart_out,
+    problems=_bart_problems, architecture=_architecture("bart"), weights=lambda cfg: BART, base_prefix="model.",
+    special_ids={"bos_token_id": 0, "eos_token_id": 2, "forced_eos_token_id": 2, "pad_token_id": 1},
+)
+T5_FAMILY = Family(
+    model_type="t5", kind="encoder-decoder", position="relative", config_in=_t5_in, config_out=_t5_out,
+    problems=_t5_problems, architecture=_architecture("t5"), weights=lambda cfg: T5_GATED if cfg.gated else T5,
+    base_prefix="", special_ids={"eos_token_id": 1, "pad_token_id": 0},
+    ignored=(r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",),  # unused by T5
+)
+SEQ2SEQ_FAMILIES = (BART_FAMILY, T5_FAMILY)

@@ -19,9 +19,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from formerkit.checkpoints.files import read_json, write_json
 from formerkit.data.sources import TextSource
 from formerkit.errors import CheckpointError, ConfigError, DataError
+from formerkit.fileio import read_json, write_json
 from formerkit.tokenizers import Tokenizer
 
 CACHE_VERSION = 1  # bump when the file layout or the split rule changes

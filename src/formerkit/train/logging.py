@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from ..errors import DataError
+from formerkit.errors import DataError
+from formerkit.fileio import atomic_write
 
 if TYPE_CHECKING:
     from tensorboardX import SummaryWriter
@@ -193,14 +193,7 @@ def _json_value(value: float) -> int | float | str:
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Rewrite ``path`` atomically, keeping only the records with step <= ``last_step``; returns nothing."""
     kept = "".join(line + "\n" for line, record in _read_lines(path) if record["step"] <= last_step)
-    _write_atomic(path, kept.encode("utf-8"))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and move it into place; returns nothing."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(kept, encoding="utf-8"))
 
 
 def _plot_loss_curve(records: list[dict], path: Path) -> Path | None:
@@ -234,7 +227,7 @@ def _plot_loss_curve(records: list[dict], path: Path) -> Path | None:
     ax.legend()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    _write_atomic(path, buffer.getvalue())
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
     return path
 
 

@@ -8,7 +8,6 @@ and ``sample_token_kind_tv`` (see ``formerkit.data.python_code``) with the corpu
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from formerkit.checkpoints.files import atomic_write
 from formerkit.data import TextSource, validation_documents
 from formerkit.data.python_code import token_kind_mix, tokenizable_line_share, total_variation
+from formerkit.fileio import atomic_write, read_json, write_json
 from formerkit.generate import GenerationConfig, generate_text
 
 SAMPLES_FILE = "samples.txt"
@@ -89,8 +88,7 @@ def write_samples(run_dir: Path, samples: list[str]) -> Path:
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     """Write ``summary`` to ``RUN_DIR/summary.json`` (atomically); return the path."""
     path = Path(run_dir) / SUMMARY_FILE
-    text = json.dumps(summary, indent=2) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    write_json(path, summary, sort_keys=False)
     return path
 
 
@@ -103,7 +101,7 @@ def report_causal(cfg, model: nn.Module, tokenizer, source: TextSource | None, a
     tokens_per_s = result.tokens_per_s
     earlier = Path(result.run_dir) / SUMMARY_FILE
     if tokens_per_s is None and earlier.is_file():  # a finished run evaluated again: keep the speed it trained at
-        tokens_per_s = json.loads(earlier.read_text()).get("tokens_per_s")
+        tokens_per_s = read_json(earlier).get("tokens_per_s")
     summary = {"steps_done": result.step, "steps_planned": cfg.train.steps, "precision": result.precision,
                "tokens_per_s": tokens_per_s, "val_loss": result.val.get("loss"),
                "val_bpb": result.val.get("bits_per_byte")}

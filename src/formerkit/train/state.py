@@ -23,9 +23,11 @@ from typing import Any
 import torch
 
 from formerkit.checkpoints import save_pretrained
-from formerkit.checkpoints.files import atomic_write, read_weights
+from formerkit.checkpoints.files import read_weights
 from formerkit.errors import CheckpointError, FormerkitWarning
+from formerkit.fileio import atomic_write
 from formerkit.model import Transformer
+from formerkit.rundir import checkpoints_dir, latest_pointer
 from formerkit.tokenizers import FORMERKIT_FILE, Tokenizer, load_tokenizer
 
 STATE_FILE = "trainer_state.pt"
@@ -47,11 +49,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoints_dir(run_dir: str | Path) -> Path:
-    """The directory holding a run's checkpoints."""
-    return Path(run_dir) / "checkpoints"
-
-
 def _saved_steps(run_dir: str | Path) -> list[Path]:
     """The run's complete-looking step directories (with a trainer state), newest first."""
     root = checkpoints_dir(run_dir)
@@ -65,7 +62,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     ``latest`` naming a step that is gone (deleted by hand) falls back to the newest step
     directory there is, with a warning.
     """
-    pointer = checkpoints_dir(run_dir) / "latest"
+    pointer = latest_pointer(run_dir)
     steps = _saved_steps(run_dir)
     if pointer.is_file():
         named = checkpoints_dir(run_dir) / pointer.read_text().strip()
@@ -98,7 +95,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, tokenize
     if final.exists():  # re-saving a step after a resume: the old copy is not `latest` any more
         shutil.rmtree(final)
     os.replace(tmp, final)
-    atomic_write(root / "latest", lambda path: path.write_text(name + "\n"))
+    atomic_write(latest_pointer(run_dir), lambda path: path.write_text(name + "\n"))
     steps = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
     for old in steps[: max(0, len(steps) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)

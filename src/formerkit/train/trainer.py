@@ -14,9 +14,9 @@ import yaml
 from torch import nn
 
 from formerkit.checkpoints import load_weights_into
-from formerkit.checkpoints.files import atomic_write
 from formerkit.data import resolve_source
 from formerkit.errors import ConfigError, FormerkitWarning, TrainingError
+from formerkit.fileio import atomic_write
 from formerkit.model import Transformer
 from formerkit.precision import DTYPES
 from formerkit.train import parallel

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from formerkit.checkpoints.files import atomic_write, write_json
+from formerkit.fileio import atomic_write, write_json
 
 CONFUSION_PNG = "confusion_matrix.png"
 TEST_METRICS = "test_metrics.json"
