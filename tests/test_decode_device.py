@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import formerkit as fk
+from formerkit import cache as cache_module
 from formerkit.generate import GenerationConfig, beam_search, generate
 from formerkit.generate import beam as beam_module
 from formerkit.generate import decode as decode_module
@@ -111,6 +112,20 @@ def test_checking_every_few_steps_gives_the_same_ids(name, monkeypatch):
     assert torch.equal(generate(model, ROWS, max_new_tokens=10, eos_token_id=eos), expected)
     again = beam_search(model, ROWS, num_beams=3, max_new_tokens=10, eos_token_id=eos, num_return_sequences=2)
     assert torch.equal(again.sequences, beams.sequences) and torch.equal(again.scores, beams.scores)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_attention_window_does_not_change_the_ids(window, monkeypatch):
+    """On the CPU attention reads the cache in windows; the whole buffer (accelerators) or tiny windows agree."""
+    model, t5 = _model("alibi"), _model("t5")
+    expected = [generate(model, ROWS, max_new_tokens=12, **SAMPLING | {"eos_token_id": []}),
+                beam_search(model, ROWS, num_beams=3, max_new_tokens=12, num_return_sequences=2).sequences,
+                generate(t5, ROWS, max_new_tokens=12, eos_token_id=[])]
+    monkeypatch.setattr(cache_module, "CPU_WINDOW_STEP", window)
+    again = [generate(model, ROWS, max_new_tokens=12, **SAMPLING | {"eos_token_id": []}),
+             beam_search(model, ROWS, num_beams=3, max_new_tokens=12, num_return_sequences=2).sequences,
+             generate(t5, ROWS, max_new_tokens=12, eos_token_id=[])]
+    assert all(torch.equal(a, b) for a, b in zip(expected, again, strict=True))
 
 
 def test_rotary_table_equals_the_closed_form():

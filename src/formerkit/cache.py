@@ -4,11 +4,14 @@
 (B, n_kv_heads, max_len, d_head) key and value buffers, plus per slot the position of the
 cached token (for ALiBi and T5's relative bias) and whether it is a real token or padding.
 A forward pass with ``cache=`` claims the next slots (``claim``), writes its keys and values
-there with ``index_copy_`` and, once the cache holds earlier tokens, attends over the WHOLE
-buffer under a mask (slots after the query are masked), so every decoding step has the same
-tensor shapes. The next free slot is kept twice: ``cursor``, a scalar tensor on the cache's
-device that the writes index with, and ``length``, its host copy, which bounds checks read
-without waiting for the device. Prefill is a call with the whole prompt, decoding a call per
+there with ``index_copy_`` and, once the cache holds earlier tokens, attends over a fixed
+window of the buffer under a mask (slots after the query are masked): on an accelerator the
+WHOLE buffer, so every decoding step has the same tensor shapes; on the CPU the written
+slots rounded up to ``CPU_WINDOW_STEP`` (shapes change once per 64 tokens), since reading
+the unwritten rest would cost a CPU memory bandwidth it has little of. The next free slot is
+kept twice: ``cursor``, a scalar tensor on the cache's device that the writes index with,
+and ``length``, its host copy, which bounds checks and the window read without waiting for
+the device. Prefill is a call with the whole prompt, decoding a call per
 new token. Encoder-decoder models also keep the encoder output and each layer's
 cross-attention keys and values, computed once at prefill.
 """
@@ -20,16 +23,19 @@ from torch import nn
 
 from formerkit.errors import InputError
 
+CPU_WINDOW_STEP = 16  # on the CPU, attention reads the cache in windows of this many slots
+
 
 class _Write:
-    """Where the current forward pass writes: the claimed slots (T,), and whether to attend over the whole buffer.
+    """Where the current forward pass writes, the claimed slots (T,), and how many slots it attends over.
 
-    One instance is shared by a cache and all its layers; ``KVCache.claim`` sets it before each pass.
+    ``width`` 0: the new keys only (the cache was empty). One instance is shared by a cache and
+    all its layers; ``KVCache.claim`` sets it before each pass.
     """
 
     def __init__(self) -> None:
         self.slots: torch.Tensor | None = None
-        self.whole = False
+        self.width = 0
 
 
 class LayerKV(nn.Module):
@@ -46,15 +52,19 @@ class LayerKV(nn.Module):
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, KV, T, D) at the claimed slots; return the keys and values to attend to.
 
-        Those are the whole buffers (B, KV, max_len, D) once the cache held tokens before this
-        pass (the caller masks the slots that are not keys of a query), else k and v themselves.
+        Those are the first ``width`` slots of the buffers (B, KV, width, D) once the cache held
+        tokens before this pass (the caller masks the slots that are not keys of a query), else
+        k and v themselves.
         """
         slots = self._write.slots
         if k.dtype != self.k.dtype:  # autocast: the buffers keep the weights' dtype
             k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)
-        return (self.k, self.v) if self._write.whole else (k, v)
+        width = self._write.width
+        if not width:
+            return k, v
+        return (self.k, self.v) if width == self.k.shape[2] else (self.k[:, :, :width], self.v[:, :, :width])
 
 
 class CrossKV:
@@ -69,9 +79,11 @@ class KVCache(nn.Module):
     """A static KV cache for one model and one batch (see the module docstring)."""
 
     def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, d_head: int, *,
-                 cross: bool, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> None:
+                 cross: bool, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+                 window_step: int | None = None) -> None:
         super().__init__()
         self.batch_size, self.max_len = batch_size, max_len
+        self.window_step = window_step  # None: attend over the whole buffer
         self._write = _Write()
         self.layers = nn.ModuleList(LayerKV(batch_size, max_len, n_kv_heads, d_head, dtype, device, self._write)
                                     for _ in range(n_layers))
@@ -83,6 +95,7 @@ class KVCache(nn.Module):
         self.register_buffer("cursor", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.register_buffer("_offsets", torch.arange(max_len, device=device), persistent=False)  # (L,)
         self.length = 0  # host copy of ``cursor``
+        self.padded = False  # whether a padding mask was ever recorded (else every cached key is a real token)
         self.memory: torch.Tensor | None = None  # encoder output (B, S, d_model), encoder-decoder only
         self.memory_mask: torch.Tensor | None = None
 
@@ -92,6 +105,7 @@ class KVCache(nn.Module):
         """Allocate a cache for ``model`` (its decoder, for encoder-decoder models).
 
         max_len defaults to the model's max_seq_len; dtype and device follow the model's weights.
+        Attention reads the whole buffer on an accelerator, windows of ``CPU_WINDOW_STEP`` slots on the CPU.
         """
         cfg = model.config
         if cfg.kind == "encoder":
@@ -99,7 +113,8 @@ class KVCache(nn.Module):
         weight = next(model.parameters())
         n_layers = cfg.decoder_layers if cfg.kind == "encoder-decoder" else cfg.n_layers
         return cls(n_layers, batch_size, max_len or cfg.max_seq_len, cfg.kv_heads, cfg.head_dim,
-                   cross=cfg.kind == "encoder-decoder", dtype=dtype or weight.dtype, device=weight.device)
+                   cross=cfg.kind == "encoder-decoder", dtype=dtype or weight.dtype, device=weight.device,
+                   window_step=CPU_WINDOW_STEP if weight.device.type == "cpu" else None)
 
     def claim(self, batch_size: int, new_tokens: int) -> torch.Tensor:
         """Choose the slots (new_tokens,) of the next ``new_tokens`` tokens, for every layer of this pass.
@@ -113,8 +128,19 @@ class KVCache(nn.Module):
             raise InputError(f"the KV cache holds {self.max_len} tokens; {self.length} are used and {new_tokens} "
                              "more do not fit; allocate a larger cache (max_len) or shorten the input")
         self._write.slots = self.cursor + self._offsets[:new_tokens]  # (T,)
-        self._write.whole = self.length > 0
+        self._write.width = self._window(self.length + new_tokens) if self.length else 0
         return self._write.slots
+
+    @property
+    def width(self) -> int:
+        """How many slots the current pass attends over (0: only its own new tokens)."""
+        return self._write.width
+
+    def _window(self, end: int) -> int:
+        """The slots attention reads when the cache holds ``end`` tokens: all, or ``end`` rounded up to window_step."""
+        if self.window_step is None:
+            return self.max_len
+        return min(self.max_len, -(-end // self.window_step) * self.window_step)
 
     def record(self, slots: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> None:
         """Store the positions (B, T) of the tokens in ``slots`` (T,) and their padding mask (B, T) (None: all real)."""
@@ -123,6 +149,7 @@ class KVCache(nn.Module):
             self.key_mask.index_fill_(1, slots, True)
         else:
             self.key_mask.index_copy_(1, slots, mask.bool())
+            self.padded = True
 
     def advance(self, new_tokens: int) -> None:
         """Move the next free slot ``new_tokens`` further (after a pass that wrote them)."""
@@ -139,6 +166,7 @@ class KVCache(nn.Module):
     def reset(self) -> None:
         """Forget the cached sequence (buffers are reused)."""
         self.truncate(0)
+        self.padded = False
         self.memory = self.memory_mask = None
         if self.cross is not None:
             self.cross = [CrossKV() for _ in self.cross]

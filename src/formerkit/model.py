@@ -99,8 +99,8 @@ def _run_stack(
     ``position_bound``: a number every position is known to be below (RoPE then reads its
     table), or None. With a ``cache`` the tokens extend the cached sequence: ``mask`` then
     covers all keys (B, cached + T), of which its last T columns (the new tokens) are stored;
-    the first call into an empty cache attends over its own tokens, later ones over the whole
-    static buffer. The cache advances by T.
+    the first call into an empty cache attends over its own tokens, later ones over a window of
+    the static buffer (``KVCache.width`` slots: all of it on accelerators). The cache advances by T.
     """
     x = owner.hook_embed(tok_embeds)
     if owner.pos_embed is not None:
@@ -115,7 +115,7 @@ def _run_stack(
     x = owner.embed_dropout(x)
 
     B, T = x.shape[:2]
-    whole = cache is not None and cache.length > 0  # attend over the whole static buffer, masked
+    whole = cache is not None and cache.length > 0  # attend over a window of the static buffer, masked
     k_len, query_index, key_positions, key_mask = T, None, positions, mask
     if cache is not None:
         slots = cache.claim(B, T)  # (T,)
@@ -123,7 +123,9 @@ def _run_stack(
         if position_bound is not None:
             position_bound = max(position_bound, cache.max_len)  # one RoPE table for the whole cache
         if whole:
-            k_len, query_index, key_positions, key_mask = cache.max_len, slots, cache.positions, cache.key_mask
+            k_len, query_index = cache.width, slots
+            key_positions = cache.positions[:, :k_len]  # (B, k_len)
+            key_mask = cache.key_mask[:, :k_len] if cache.padded else None  # without padding, the slots suffice
     rope = owner.rotary(positions, position_bound) if owner.rotary is not None else None
     alibi = (owner.alibi_slopes, positions, key_positions) if owner.alibi_slopes is not None else None
     relative = owner.pos_bias(positions, key_positions) if owner.pos_bias is not None else None  # (B, H, T, k_len)

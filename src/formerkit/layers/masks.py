@@ -22,6 +22,9 @@ def attention_bias(
 ) -> torch.Tensor | None:
     """Build the additive attention bias for one stack, or None when a plain causal flag will do.
 
+    The bias is always built for queries at given slots (``query_index``), where the causal
+    flag, which assumes the queries are the last keys, would be wrong.
+
     key_mask: (B, Tk) with 1 for real tokens and 0 for padding. alibi: (slopes, q_pos, k_pos).
     position_bias: a learned bias (B, H, Tq, Tk) added to the scores (T5's relative positions).
     sliding_window: a causal query sees the last ``sliding_window`` keys (itself included); a
@@ -33,7 +36,7 @@ def attention_bias(
     attend to yields a uniform (finite) distribution instead of NaN.
     Returns (B or 1, H or 1, Tq, Tk) in ``dtype``, or None.
     """
-    if key_mask is None and sliding_window is None and alibi is None and position_bias is None:
+    if query_index is None and key_mask is None and sliding_window is None and alibi is None and position_bias is None:
         return None
     if query_index is None:
         query_index = torch.arange(k_len - q_len, k_len, device=device)
