@@ -99,3 +99,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class ScriptedTokens:
+    """Force the model's next token: a hook on the LM head puts one id far ahead at each call."""
+
+    def __init__(self, model: torch.nn.Module, tokens: list[int]) -> None:
+        self.tokens, self.calls = tokens, 0
+        model.lm_head.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, logits):
+        forced = torch.full_like(logits[:, -1], -10.0)  # (B, V)
+        forced[:, self.tokens[min(self.calls, len(self.tokens) - 1)]] = 10.0
+        self.calls += 1
+        return torch.cat([logits[:, :-1], forced[:, None]], dim=1)

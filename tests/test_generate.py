@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import formerkit as fk
-from conftest import reinit_for_parity, require
+from conftest import ScriptedTokens, reinit_for_parity, require
 from formerkit.generate.command import add_generate_command
 from formerkit.generate.config import GenerationConfig
 from formerkit.generate.decode import generate, stream
@@ -78,20 +78,6 @@ def _brute(model, rows, max_new_tokens, *, eos=None, seed=None, pad=0, **samplin
         if not live.any():
             break
     return ids
-
-
-class _Script:
-    """Force the model's next token: a hook on the LM head puts one id far ahead at each call."""
-
-    def __init__(self, model: fk.Transformer, tokens: list[int]) -> None:
-        self.tokens, self.calls = tokens, 0
-        model.lm_head.register_forward_hook(self._hook)
-
-    def _hook(self, module, inputs, logits):
-        forced = torch.full_like(logits[:, -1], -10.0)  # (B, V)
-        forced[:, self.tokens[min(self.calls, len(self.tokens) - 1)]] = 10.0
-        self.calls += 1
-        return torch.cat([logits[:, :-1], forced[:, None]], dim=1)
 
 
 # ---- transformers parity ------------------------------------------------------------------
@@ -212,7 +198,7 @@ def test_stop_strings_cut_text_per_row():
 def test_scripted_text_stops_at_eos_and_stop_string():
     tokenizer = fk.ByteTokenizer()
     model = _decoder("gpt2", vocab_size=tokenizer.vocab_size)
-    script = _Script(model, list(b"one\n\ntwo") + [tokenizer.eos_id])
+    script = ScriptedTokens(model, list(b"one\n\ntwo") + [tokenizer.eos_id])
     assert generate_text(model, tokenizer, "> ", max_new_tokens=20) == "> one\n\ntwo"
     script.calls = 0
     pieces = list(generate_text(model, tokenizer, "> ", max_new_tokens=20, stop_strings=["\n\n"], stream=True))
@@ -237,7 +223,7 @@ def test_streamed_text_never_splits_a_character(kind):
     text = "hé€ abc"
     tokenizer = fk.ByteTokenizer() if kind == "byte" else fk.train_bpe(["héllo wörld € " * 20], 300)
     model = _decoder("gpt2", vocab_size=tokenizer.vocab_size)
-    script = _Script(model, tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_id])
+    script = ScriptedTokens(model, tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_id])
     pieces = list(generate_text(model, tokenizer, "→", max_new_tokens=20, stream=True))
     assert "".join(pieces) == "→" + text and not any("\ufffd" in p for p in pieces)
     if kind == "byte":  # one piece per character, though é and € take two and three tokens

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import formerkit as fk
+from conftest import ScriptedTokens
 from formerkit.generate import GenerationConfig, beam_search, generate, generate_text, stream
 from formerkit.generate.config import special_ids, with_options
 
@@ -116,27 +117,13 @@ def test_model_config_eos_field():
     assert fk.config_from_hf({"model_type": "llama", "vocab_size": 100}).eos_token_id == 2  # the family default
 
 
-class _Script:
-    """A hook on the LM head that puts one scripted id far ahead at each call (the last id from then on)."""
-
-    def __init__(self, model: fk.Transformer, tokens: list[int]) -> None:
-        self.tokens, self.calls = tokens, 0
-        model.lm_head.register_forward_hook(self._hook)
-
-    def _hook(self, module, inputs, logits):
-        forced = torch.full_like(logits[:, -1], -10.0)  # (B, V)
-        forced[:, self.tokens[min(self.calls, len(self.tokens) - 1)]] = 10.0
-        self.calls += 1
-        return torch.cat([logits[:, :-1], forced[:, None]], dim=1)
-
-
 @pytest.mark.parametrize("preset, eos", [("bart-base", 2), ("t5-small", 1)])
 def test_encoder_decoder_checkpoints_stop_at_their_eos_untold(preset, eos, tmp_path):
     model = _model(preset, d_head=8) if preset == "t5-small" else _model(preset)
     fk.save_pretrained(model, tmp_path, format="hf")
     loaded = fk.from_pretrained(tmp_path)
     assert loaded.config.eos_token_id == eos
-    script = _Script(loaded, [10, 11, 12, eos, 13])
+    script = ScriptedTokens(loaded, [10, 11, 12, eos, 13])
     out = generate(loaded, [[5, 6, 7], [8, 9]], max_new_tokens=10)
     assert out.tolist() == [[loaded.config.decoder_start_token_id, 10, 11, 12, eos]] * 2
     script.calls = 0
