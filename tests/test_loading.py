@@ -224,3 +224,71 @@ def test_loading_does_not_import_the_compiler_stack(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False"
+
+
+def _mapped_from(path) -> list[tuple[int, int]]:
+    """The address ranges where this process maps ``path`` (Linux's /proc/self/maps)."""
+    ranges = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def _in_file(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    return any(start <= tensor.data_ptr() < end for start, end in ranges)
+
+
+@pytest.mark.parametrize("preset, copied", [("gpt2", set()), ("llama", {"attn.qkv.weight"})])
+def test_tensors_used_as_stored_are_the_files_memory_map(tmp_path, preset, copied):
+    """Zero copy where the layout allows: GPT-2's transposed Conv1D weights are views of the mapped file;
+    Llama's separate q, k, v are concatenated into formerkit's fused qkv, a copy."""
+    model = _small(preset)
+    fk.save_pretrained(model, tmp_path, format="hf")
+    loaded = fk.from_pretrained(tmp_path)
+    ranges = _mapped_from((tmp_path / "model.safetensors").resolve())
+    for name, param in loaded.named_parameters():
+        assert _in_file(param, ranges) == (name.split(".", 2)[-1] not in copied), name
+    assert torch.equal(_logits(loaded), _logits(model))
+    as_bf16 = fk.from_pretrained(tmp_path, dtype=torch.bfloat16)  # a cast is a copy
+    ranges = _mapped_from((tmp_path / "model.safetensors").resolve())
+    assert not any(_in_file(p, ranges) for p in as_bf16.parameters())
+
+
+def test_a_bfloat16_checkpoint_loads_in_place_as_bfloat16(tmp_path):
+    fk.save_pretrained(_small("gpt2").to(torch.bfloat16), tmp_path, format="hf")
+    loaded = fk.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    ranges = _mapped_from((tmp_path / "model.safetensors").resolve())
+    assert all(_in_file(p, ranges) for p in loaded.parameters())
+
+
+def test_a_mapped_model_survives_its_directory_being_saved_over(tmp_path):
+    """formerkit replaces files atomically, so a model still mapping the old file keeps its weights."""
+    first, second = _small("gpt2"), _small("gpt2", init_std=0.5)
+    fk.save_pretrained(first, tmp_path, format="hf")
+    loaded = fk.from_pretrained(tmp_path)
+    fk.save_pretrained(second, tmp_path, format="hf")
+    assert torch.equal(_logits(loaded), _logits(first))
+    assert torch.equal(_logits(fk.from_pretrained(tmp_path)), _logits(second))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_mapped_model_trains(tmp_path, fused):
+    """Transposed, file-mapped parameters take gradients and AdamW steps like owned ones."""
+    no_dropout = dict(attn_dropout=0.0, resid_dropout=0.0, embed_dropout=0.0)
+    model = _small("gpt2", **no_dropout)
+    fk.save_pretrained(model, tmp_path, format="hf")
+    loaded = fk.from_pretrained(tmp_path).train()
+    model.train()
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=fused) for m in (model, loaded)]
+    ids = _inputs(model)["input_ids"]
+    for _ in range(2):
+        for m, opt in zip((model, loaded), optimizers, strict=True):
+            opt.zero_grad()
+            m(ids, labels=ids).loss.backward()
+            opt.step()
+    for (name, ours), theirs in zip(loaded.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.equal(_logits(fk.from_pretrained(tmp_path)), _logits(_small("gpt2", **no_dropout)))

@@ -2,9 +2,11 @@
 
 A ``Source`` says how one model tensor is made from checkpoint tensors (their names and the
 ``hf_maps`` transform joining them). ``build_on_meta`` builds a model whose parameters are on
-the meta device (no memory, no initialization); ``assign_weights`` fills it, reading each tensor
-from its memory-mapped file straight into a new tensor of the requested dtype and device, so
-the checkpoint is never held in memory beside the model. ``load_weights_into`` copies into a
+the meta device (no memory, no initialization); ``assign_weights`` fills it. A tensor the model
+uses as stored (same dtype, on the CPU, not concatenated) becomes the parameter as it is: a
+private, copy-on-write memory map of the file, read from disk when first used; any other is read
+from its map straight into a new tensor of the requested dtype and device. Either way the
+checkpoint is never held in memory beside the model. ``load_weights_into`` copies into a
 model that already has weights (a training run resuming).
 """
 
@@ -64,11 +66,19 @@ def source_shape(source: Source, tensors: Mapping[str, torch.Tensor]) -> tuple[i
 
 
 def build_tensor(source: Source, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None,
-                 device: str | torch.device | None = None) -> torch.Tensor:
-    """A new tensor made from ``source``'s parts, in ``dtype`` on ``device`` (default: the parts'), in one copy."""
+                 device: str | torch.device | None = None, mapped: bool = False) -> torch.Tensor:
+    """The tensor ``source`` makes, in ``dtype`` on ``device`` (default: the parts').
+
+    With ``mapped`` (``tensors`` read from files by ``CheckpointTensors``), a part that needs
+    neither a dtype nor a device change nor a concatenation is returned as it is: a view of
+    the file's private memory map (transposed or squeezed as the transform says), read lazily,
+    its pages copied only when written. Otherwise a new tensor is made in one copy.
+    """
     parts = _parts(source, tensors)
-    out = torch.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=dtype or parts[0].dtype,
-                      device=device or parts[0].device)
+    dtype, device = dtype or parts[0].dtype, torch.device(device or parts[0].device)
+    if mapped and len(parts) == 1 and parts[0].dtype == dtype and parts[0].device == device:
+        return parts[0]
+    out = torch.empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), dtype=dtype, device=device)
     start = 0
     for part in parts:  # cat: each part into its rows; otherwise the one (possibly transposed) part
         out[start:start + part.shape[0]].copy_(part)
@@ -209,18 +219,21 @@ def assign_weights(model: Transformer, sources: Mapping[str, Source], tensors: M
     """Fill ``model``, built on the meta device, from ``tensors``: each model tensor made as ``sources`` says.
 
     Everything is checked before a tensor is read (CheckpointError listing every mismatch).
-    Each tensor is then read and converted once: floating tensors to ``dtype`` (default: the
-    model's own), all to ``device``; the model's buffers follow as ``Module.to`` moves them.
-    Tied weights stay one tensor. Returns the model.
+    Floating tensors go to ``dtype`` (default: the model's own), all to ``device``, each read
+    and converted once, or, from files and needing no change, used in place (``build_tensor``):
+    such a parameter is the file's memory map, so the file must not be rewritten in place while
+    the model lives (formerkit's own writes replace files atomically, which is safe). The model's
+    buffers follow as ``Module.to`` moves them. Tied weights stay one tensor. Returns the model.
     """
     own = model.state_dict(keep_vars=True)
     aliases = tied_to(model)
     check_shapes({k: tuple(v.shape) for k, v in own.items()},
                  {k: source_shape(s, tensors) for k, s in sources.items()}, set(aliases), path)
+    mapped = isinstance(tensors, CheckpointTensors)
     loaded = {}
     for name, source in sources.items():
         target = dtype if dtype is not None and own[name].is_floating_point() else own[name].dtype
-        loaded[name] = build_tensor(source, tensors, dtype=target, device=device)
+        loaded[name] = build_tensor(source, tensors, dtype=target, device=device, mapped=mapped)
     model.load_state_dict(loaded, strict=False, assign=True)
     for name, first in aliases.items():
         _set(model, name, _tensor_at(model, first))
