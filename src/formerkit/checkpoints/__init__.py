@@ -56,8 +56,10 @@ def from_pretrained(
     The model is built with its parameters on the meta device, and each tensor is read from
     its memory-mapped file straight into place, converted to ``dtype`` (floating tensors;
     default: the model's own, float32) on ``device`` (default: torch's default device):
-    nothing is initialized randomly and the checkpoint is never in memory beside the model
-    (safetensors; a ``.bin`` file stays mapped until the load ends). Returns the model in eval
+    nothing is initialized randomly and the checkpoint is never in memory beside the model.
+    A tensor needing no change (same dtype, CPU, not concatenated) stays the file's private
+    copy-on-write map, read when first used: do not rewrite the file in place while the model
+    lives (formerkit's own saves replace files atomically, which is safe). Returns the model in eval
     mode. Raises CheckpointError naming every missing, unexpected or mis-shaped tensor,
     InputError for a bad dtype or device.
     """
