@@ -224,3 +224,15 @@ def test_from_pretrained_reads_quantized_dirs_and_save_pretrained_refuses_them(t
         assert torch.equal(loaded(ids).logits, quantized(ids).logits)
     with pytest.raises(fk.InputError, match="save_quantized"):
         fk.save_pretrained(quantized, tmp_path / "plain")
+
+
+def test_a_gpt2_checkpoint_loaded_in_place_quantizes_to_contiguous_int8(tmp_path):
+    """GPT-2's Conv1D weights load as transposed views of the file; their int8 copies must suit the fused kernel."""
+    model = _model("gpt2")
+    fk.save_pretrained(model, tmp_path, format="hf")
+    loaded = fk.from_pretrained(tmp_path)
+    assert not loaded.blocks[0].attn.qkv.weight.is_contiguous()  # the case this test is about
+    quantized = quantize_int8(loaded).to(torch.bfloat16)
+    assert all(m.weight.is_contiguous() for m in quantized.modules() if isinstance(m, Int8Linear))
+    with torch.no_grad():
+        assert _cosine(quantized(IDS[:1, :1]).logits, model(IDS[:1, :1]).logits) > 0.99

@@ -36,11 +36,12 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a float weight (out, in) per output channel; return int8 weights (out, in) and scales (out,).
 
     scale = max|w_row| / 127 (float32); w_int8 = round(w / scale), so w ~ w_int8 * scale.
-    A row of zeros gets scale 0 and int8 zeros.
+    A row of zeros gets scale 0 and int8 zeros. The int8 weights are contiguous (out, in)
+    whatever the layout of ``weight`` (a transposed, file-mapped one included).
     """
     if weight.dim() != 2 or not weight.is_floating_point():
         raise InputError(f"quantize_weight expects a float matrix (out, in), got {weight.dtype} {tuple(weight.shape)}")
-    w = weight.detach().float()  # (out, in)
+    w = weight.detach().float().contiguous()  # (out, in)
     scale = w.abs().amax(dim=1) / 127  # (out,)
     divisor = torch.where(scale > 0, scale, torch.ones_like(scale))  # (out,)
     q = torch.round(w / divisor[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
