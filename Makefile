@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch, pinned: an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo translate digits tour lint clean venv
+.PHONY: test demo translate digits tour lint clean venv bench-decode
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,24 @@ digits: $(VENV)/.installed
 # A tour of the library: every preset, and the real all-MiniLM-L6-v2 checkpoint embedding sentences.
 tour: $(VENV)/.installed
 	$(VENV)/bin/formerkit tour
+
+# Batch-1 decoding against llama.cpp on the same weights (docs/benchmarks.md). Installs the optional
+# reference first: llama-cpp-python builds llama.cpp from source (several minutes on 2 cores, once), and its
+# source distribution carries llama.cpp's own converter, unpacked under .cache/llama.cpp.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_SRC := .cache/llama.cpp
+$(LLAMA_CPP_SRC)/convert_hf_to_gguf.py: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[test,bench-llamacpp]"
+	rm -rf .cache/llama-sdist && mkdir -p .cache/llama-sdist $(LLAMA_CPP_SRC)
+	$(PY) -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_CPP_VERSION)" -d .cache/llama-sdist
+	tar xzf .cache/llama-sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_CPP_SRC) --strip-components 3 \
+		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py \
+		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/conversion \
+		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/gguf-py
+	rm -rf .cache/llama-sdist
+
+bench-decode: $(LLAMA_CPP_SRC)/convert_hf_to_gguf.py
+	$(PY) benchmarks/generate_throughput.py --models llama --batches 1,8 --new-tokens 128 --prompt-speed 512 --llamacpp
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks examples

@@ -30,9 +30,11 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -41,15 +43,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers  # noqa: E402
 
 import formerkit as fk  # noqa: E402
+from formerkit.data import stdlib_source  # noqa: E402
+from formerkit.hardware import describe_machine  # noqa: E402
 from formerkit.layers.quantized import quantize_int8  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llamacpp  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
 VOCAB = 8192
-SHAPES = {"small": (6, 384, 6), "base": (12, 768, 12), "tiny": (2, 64, 2)}  # n_layers, d_model, n_heads
+# family, n_layers, d_model, n_heads, n_kv_heads, d_ff
+SHAPES = {"small": ("gpt2", 6, 384, 6, 6, 1536), "base": ("gpt2", 12, 768, 12, 12, 3072),
+          "tiny": ("gpt2", 2, 64, 2, 2, 256), "llama": ("llama", 12, 768, 12, 4, 2048),
+          "llama-tiny": ("llama", 2, 64, 4, 2, 128)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
 TARGETS = {"small": 4.0, "base": 1.5}  # formerkit / transformers tokens/s at batch 1
 INT8_TARGET = 1.6  # formerkit int8 / formerkit fp32 on the base model
+LLAMACPP_TARGETS = {"fp32": 1.0, "bf16": 0.9, "int8": 0.9}  # formerkit / llama.cpp (f32, bf16, q8_0) at batch 1
 
 
 @dataclass(frozen=True)
@@ -83,17 +94,36 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
-def build_pair(name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """A random-init transformers GPT2LMHeadModel of the named shape and the same weights loaded by formerkit."""
-    n_layers, d_model, n_heads = SHAPES[name]
+def save_reference(name: str, directory: Path, seed: int = 0) -> torch.nn.Module:
+    """Build a random-init transformers model of the named shape, save it (and a tokenizer) to ``directory``; return it.
+
+    "llama" is a ``LlamaForCausalLM`` with grouped-query attention and SwiGLU (std 0.1 weights, so
+    greedy argmaxes are not near-ties); the others are ``GPT2LMHeadModel``s. A byte-level BPE
+    tokenizer of the vocabulary's size, trained on the standard library's source, goes beside the
+    llama weights: llama.cpp's converter needs one.
+    """
+    family, n_layers, d_model, n_heads, n_kv_heads, d_ff = SHAPES[name]
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=1024, n_embd=d_model, n_layer=n_layers,
-                                     n_head=n_heads, attn_implementation="sdpa")
-    theirs = transformers.GPT2LMHeadModel(config).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        theirs.save_pretrained(tmp)
-        ours = fk.from_pretrained(tmp).eval()
-    return ours, theirs
+    if family == "llama":
+        config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=d_model, num_hidden_layers=n_layers,
+                                          num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                                          intermediate_size=d_ff, max_position_embeddings=1024,
+                                          initializer_range=0.1, tie_word_embeddings=False,
+                                          attn_implementation="sdpa")
+        theirs = transformers.LlamaForCausalLM(config).eval()
+        fk.train_bpe(stdlib_texts(), VOCAB, max_chars=2_000_000).save(directory)
+    else:
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=1024, n_embd=d_model, n_layer=n_layers,
+                                         n_head=n_heads, attn_implementation="sdpa")
+        theirs = transformers.GPT2LMHeadModel(config).eval()
+    theirs.save_pretrained(directory)
+    return theirs
+
+
+def build_pair(name: str, directory: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformers model of the named shape saved to ``directory``, and formerkit's load of it: (ours, theirs)."""
+    theirs = save_reference(name, directory)
+    return fk.from_pretrained(directory).eval(), theirs
 
 
 def variants(ours: torch.nn.Module, theirs: torch.nn.Module, precisions: list[str]) -> dict:
@@ -126,40 +156,106 @@ def check_same_tokens(ours: torch.nn.Module, theirs: torch.nn.Module, prompt: to
     return torch.equal(a, b)
 
 
-def measure(models: dict, prompts: dict[int, torch.Tensor], name: str, new_tokens: int,
-            repeats: int) -> dict[Run, float]:
-    """Best tokens/s of every (batch, precision, library) variant over ``repeats`` alternating rounds."""
-    calls = {}
+def measure(models: dict, prompts: dict[int, torch.Tensor], name: str, new_tokens: int, repeats: int,
+            ggufs: dict[str, Path], speed_prompt: torch.Tensor | None) -> tuple[dict[Run, float], dict[Run, float]]:
+    """Best decode and prompt tokens/s of every variant over ``repeats`` alternating rounds: (decode, prompt).
+
+    Decode: every (batch, precision, library) generates ``new_tokens`` after its prompt, timed
+    whole. Prompt (when ``speed_prompt`` is given): batch 1, that prompt and one new token.
+    llama.cpp (``ggufs``: precision -> converted file) runs batch 1 in a child process per round.
+    """
+    calls, prompt_calls = {}, {}
     for (precision, library), model in models.items():
         for batch, prompt in prompts.items():
             calls[Run(name, batch, precision, library)] = generator(library, model, prompt, new_tokens)
-    best = dict.fromkeys(calls, 0.0)
+        if speed_prompt is not None:
+            prompt_calls[Run(name, 1, precision, library)] = generator(library, model, speed_prompt, 1)
+    decode, prefill = dict.fromkeys(calls, 0.0), dict.fromkeys(prompt_calls, 0.0)
+    threads, short = torch.get_num_threads(), prompts[1][0].tolist() if 1 in prompts else []
+    long = speed_prompt[0].tolist() if speed_prompt is not None else short
     with torch.no_grad():
-        for call in calls.values():
+        for call in [*calls.values(), *prompt_calls.values()]:
             call()  # warm up: allocator, kernels, lazy initialisation
         for _ in range(repeats):
-            for run, call in calls.items():
-                start = time.perf_counter()
-                call()
-                best[run] = max(best[run], run.batch * new_tokens / (time.perf_counter() - start))
-    return best
+            for table, timed, tokens in ((decode, calls, new_tokens), (prefill, prompt_calls, None)):
+                for run, call in timed.items():
+                    start = time.perf_counter()
+                    call()
+                    done = run.batch * new_tokens if tokens else speed_prompt.shape[1]
+                    table[run] = max(table[run], done / (time.perf_counter() - start))
+            for precision, gguf in ggufs.items():
+                got = llamacpp.measure(gguf, threads, short, long, new_tokens)
+                run = Run(name, 1, precision, "llama.cpp")
+                decode[run] = max(decode.get(run, 0.0), got["decode_tps"])
+                if speed_prompt is not None:
+                    prefill[run] = max(prefill.get(run, 0.0), got["prompt_tps"])
+    return decode, prefill
 
 
-def report(name: str, best: dict[Run, float], bandwidth: float, weight_bytes: dict[str, int]) -> dict:
-    """Print one model's table (tokens/s, ratio to transformers at the same precision, bound) and return ratios."""
-    print(f"\n{name}: {SHAPES[name][0]} layers, d_model {SHAPES[name][1]}, vocab {VOCAB}")
-    print(f"{'batch':>5} {'precision':>9} {'formerkit tok/s':>16} {'transformers tok/s':>19} {'ratio':>6} "
-          f"{'bound tok/s':>12} {'formerkit % of bound':>21}")
+def report(name: str, best: dict[Run, float], prefill: dict[Run, float], bandwidth: float,
+           weight_bytes: dict[str, int]) -> dict:
+    """Print one model's tables (decode and prompt tokens/s per library, ratios, bound); return the ratios.
+
+    The ratios are formerkit's tokens/s over each reference's at the same precision and batch:
+    {(batch, precision, "transformers" | "llama.cpp" | "prompt llama.cpp" ...): ratio}.
+    """
+    _, n_layers, d_model, *_ = SHAPES[name]
+    print(f"\n{name}: {n_layers} layers, d_model {d_model}, vocab {VOCAB}")
+    print(f"{'batch':>5} {'precision':>9} {'formerkit':>10} {'transformers':>13} {'ratio':>6} {'llama.cpp':>10} "
+          f"{'ratio':>6} {'bound':>8} {'% of bound':>11}   (decode tokens/s)")
     ratios = {}
     for run in sorted((r for r in best if r.library == "formerkit"), key=lambda r: (r.batch, r.precision)):
-        theirs = best.get(Run(run.model, run.batch, run.precision, "transformers"))
+        ours, line = best[run], f"{run.batch:5d} {run.precision:>9} {best[run]:10.1f}"
+        for library, width in (("transformers", 13), ("llama.cpp", 10)):
+            theirs = best.get(Run(run.model, run.batch, run.precision, library))
+            ratios[run.batch, run.precision, library] = ours / theirs if theirs else None
+            line += f" {theirs:{width}.1f} {ours / theirs:5.2f}x" if theirs else f" {'-':>{width}} {'-':>6}"
         bound = run.batch * bandwidth / weight_bytes[run.precision]
-        ratio = best[run] / theirs if theirs else None
-        ratios[run.batch, run.precision] = ratio
-        shown = f"{theirs:19.1f} {ratio:5.2f}x" if theirs else f"{'-':>19} {'-':>6}"
-        print(f"{run.batch:5d} {run.precision:>9} {best[run]:16.1f} {shown} {bound:12.1f} "
-              f"{best[run] / bound:20.0%}")
+        print(f"{line} {bound:8.1f} {ours / bound:10.0%}")
+    if prefill:
+        print(f"{'':>5} {'precision':>9} {'formerkit':>10} {'transformers':>13} {'ratio':>6} {'llama.cpp':>10} "
+              f"{'ratio':>6}   (prompt tokens/s, batch 1)")
+        for run in sorted((r for r in prefill if r.library == "formerkit"), key=lambda r: r.precision):
+            ours, line = prefill[run], f"{'':>5} {run.precision:>9} {prefill[run]:10.1f}"
+            for library, width in (("transformers", 13), ("llama.cpp", 10)):
+                theirs = prefill.get(Run(run.model, 1, run.precision, library))
+                ratios[1, run.precision, f"prompt {library}"] = ours / theirs if theirs else None
+                line += f" {theirs:{width}.1f} {ours / theirs:5.2f}x" if theirs else f" {'-':>{width}} {'-':>6}"
+            print(line)
     return ratios
+
+
+def convert_all(directory: Path, precisions: list[str]) -> dict[str, Path]:
+    """llama.cpp's GGUF files of the checkpoint in ``directory``, one per precision (int8 -> q8_0)."""
+    return {p: llamacpp.convert(directory, directory / f"model-{llamacpp.OUTTYPES[p]}.gguf", p) for p in precisions}
+
+
+def print_targets(results: dict, names: list[str], precisions: list[str]) -> None:
+    """Print each target and its verdict: against transformers (GPT-2 shapes) and llama.cpp (the llama shape)."""
+    print("\ntargets (batch 1, formerkit / reference at the same precision):")
+    for name in names:
+        ratios = results["ratios"][name]
+        for precision in precisions:
+            ratio = ratios.get((1, precision, "transformers"))
+            if name in TARGETS and ratio is not None:
+                verdict = "met" if ratio >= TARGETS[name] else f"missed ({ratio / TARGETS[name]:.0%} of it)"
+                print(f"  {name} {precision} vs transformers: {ratio:.2f}x, target {TARGETS[name]}x: {verdict}")
+            ratio, target = ratios.get((1, precision, "llama.cpp")), LLAMACPP_TARGETS.get(precision)
+            if ratio is not None and target is not None:
+                verdict = "met" if ratio >= target else f"missed ({ratio / target:.0%} of it)"
+                print(f"  {name} {precision} vs llama.cpp {llamacpp.OUTTYPES[precision]}: {ratio:.2f}x, "
+                      f"target {target}x: {verdict}")
+        fp32, int8 = (results["best"].get(Run(name, 1, p, "formerkit")) for p in ("fp32", "int8"))
+        if fp32 and int8:
+            gain = int8 / fp32
+            results.setdefault("int8_gain", {})[name] = gain
+            target = f", target {INT8_TARGET}x: {'met' if gain >= INT8_TARGET else 'missed'}" if name == "base" else ""
+            print(f"  {name} int8 / own fp32 at batch 1: {gain:.2f}x{target}")
+
+
+def stdlib_texts():
+    """The standard library's source files as texts (the tokenizer's training corpus)."""
+    return stdlib_source().documents()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -170,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--precisions", default="fp32,bf16,int8")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--prompt-speed", type=int, default=0, help="also time a prompt of this many tokens")
+    parser.add_argument("--llamacpp", action="store_true", help="add llama.cpp columns (llama-shaped models)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -177,41 +275,44 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     names, precisions = args.models.split(","), args.precisions.split(",")
     batches = [int(b) for b in args.batches.split(",")]
+    if args.llamacpp and (why := llamacpp.available()):
+        raise SystemExit(f"--llamacpp: {why}")
     bandwidth = read_bandwidth()
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
-          f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
-    results: dict = {"bandwidth": bandwidth, "best": {}, "ratios": {}, "same_tokens": {}}
+    print(f"{describe_machine()}\ntorch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{torch.get_num_threads()} threads; measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    results: dict = {"bandwidth": bandwidth, "best": {}, "prefill": {}, "ratios": {}, "same_tokens": {}}
     generator_seed = torch.Generator().manual_seed(0)
     for name in names:
-        ours, theirs = build_pair(name)
-        prompts = {b: torch.randint(0, VOCAB, (b, args.prompt_len), generator=generator_seed) for b in batches}
-        results["same_tokens"][name] = same = check_same_tokens(ours, theirs, prompts[batches[0]], args.new_tokens)
-        print(f"\n{name}: fp32 greedy tokens identical to transformers': {same}")
-        models = variants(ours, theirs, precisions)
-        weight_bytes = {p: weight_bytes_per_token(models[p, "formerkit"]) for p in precisions}
-        best = measure(models, prompts, name, args.new_tokens, args.repeats)
+        with tempfile.TemporaryDirectory() as tmp:
+            directory = Path(tmp)
+            ours, theirs = build_pair(name, directory)
+            prompts = {b: torch.randint(0, VOCAB, (b, args.prompt_len), generator=generator_seed) for b in batches}
+            speed = torch.randint(0, VOCAB, (1, args.prompt_speed), generator=generator_seed) \
+                if args.prompt_speed else None
+            results["same_tokens"][name] = same = check_same_tokens(ours, theirs, prompts[batches[0]], args.new_tokens)
+            print(f"\n{name}: fp32 greedy tokens identical to transformers': {same}")
+            ggufs = convert_all(directory, precisions) if args.llamacpp and SHAPES[name][0] == "llama" else {}
+            models = variants(ours, theirs, precisions)
+            weight_bytes = {p: weight_bytes_per_token(models[p, "formerkit"]) for p in precisions}
+            best, prefill = measure(models, prompts, name, args.new_tokens, args.repeats, ggufs, speed)
+            if "fp32" in ggufs:
+                results["llamacpp_agreement"] = agreement(ours, prompts, ggufs["fp32"], args.new_tokens)
         results["best"].update(best)
-        results["ratios"][name] = report(name, best, bandwidth, weight_bytes)
-    print("\ntargets (batch 1, formerkit / transformers at the same precision):")
-    for name in names:
-        for precision in precisions:
-            ratio = results["ratios"][name].get((1, precision))
-            if name in TARGETS and ratio is not None:
-                verdict = "met" if ratio >= TARGETS[name] else f"missed ({ratio / TARGETS[name]:.0%} of it)"
-                print(f"  {name} {precision}: {ratio:.2f}x, target {TARGETS[name]}x: {verdict}")
-        fp32, int8 = (results["best"].get(Run(name, 1, p, "formerkit")) for p in ("fp32", "int8"))
-        if fp32 and int8:
-            gain = int8 / fp32
-            results.setdefault("int8_gain", {})[name] = gain
-            target = f", target {INT8_TARGET}x: {'met' if gain >= INT8_TARGET else 'missed'}" if name == "base" else ""
-            print(f"  {name} int8 / own fp32 at batch 1: {gain:.2f}x{target}")
-        best_theirs = max((v for r, v in results["best"].items()
-                           if r.model == name and r.batch == 1 and r.library == "transformers"), default=None)
-        best_ours = max((v for r, v in results["best"].items()
-                         if r.model == name and r.batch == 1 and r.library == "formerkit"), default=None)
-        if best_theirs and best_ours:
-            print(f"  {name} fastest formerkit / fastest transformers at batch 1: {best_ours / best_theirs:.2f}x")
+        results["prefill"].update(prefill)
+        results["ratios"][name] = report(name, best, prefill, bandwidth, weight_bytes)
+    print_targets(results, names, precisions)
     return results
+
+
+def agreement(ours: torch.nn.Module, prompts: dict[int, torch.Tensor], gguf: Path, new_tokens: int) -> int:
+    """How many of formerkit's fp32 greedy tokens match llama.cpp's f32 ones before the first difference (printed)."""
+    prompt = prompts[min(prompts)][:1]
+    with torch.no_grad():
+        mine = fk.generate(ours, prompt, max_new_tokens=new_tokens)[0, prompt.shape[1]:].tolist()
+    theirs = llamacpp.measure(gguf, torch.get_num_threads(), prompt[0].tolist(), prompt[0].tolist(), new_tokens)
+    same = next((i for i, (a, b) in enumerate(zip(mine, theirs["tokens"], strict=True)) if a != b), len(mine))
+    print(f"fp32 greedy tokens equal to llama.cpp f32's: the first {same} of {len(mine)}")
+    return same
 
 
 if __name__ == "__main__":
