@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import formerkit as fk
 from formerkit import config as fk_config
+from formerkit.presets import PRESETS
 
 TEXT_PRESETS = ("gpt2", "llama", "bert-base", "minilm-l6", "vaswani-base", "bart-base", "t5-small", "t5-v1.1-small")
 IMAGE_PRESETS = ("vit-digits",)
@@ -42,17 +43,25 @@ SWITCHES: dict[str, st.SearchStrategy] = {  # field -> values of a valid type an
     "init_std": st.floats(0.01, 0.5),
     "attn_dropout": st.floats(0.0, 0.5), "resid_dropout": st.floats(0.0, 0.5), "embed_dropout": st.floats(0.0, 0.5),
 }
+# the decoder's own sizes, drawn only for an encoder-decoder (other kinds refuse them): field -> values
+DECODER_SIZES: dict[str, st.SearchStrategy] = {
+    "decoder_n_heads": st.sampled_from([1, 2, 4]), "decoder_n_kv_heads": st.sampled_from([1, 2]),
+    "decoder_d_ff": st.integers(1, 32),
+}
 # the switches a Hugging Face family can hold for some preset: configs drawn with only these often translate
 HF_SWITCHES = ("activation", "head", "pooler", "tie_embeddings", "qkv_bias", "out_bias", "mlp_bias", "qk_norm",
-               "sliding_window", "rope_theta", "norm_eps", "num_labels", "n_decoder_layers", "gated")
+               "sliding_window", "rope_theta", "norm_eps", "num_labels", "n_decoder_layers", "gated",
+               "decoder_n_heads", "decoder_d_ff")
 
 
 @st.composite
-def config_overrides(draw: st.DrawFn, switches: tuple[str, ...] = tuple(SWITCHES)) -> tuple[str, dict[str, Any]]:
+def config_overrides(draw: st.DrawFn, switches: tuple[str, ...] = (*SWITCHES, *DECODER_SIZES)
+                     ) -> tuple[str, dict[str, Any]]:
     """A preset name and overrides for it: tiny sizes, and a random subset of ``switches`` (see SWITCHES).
 
     The values are each of a valid type and range; combinations may still be invalid (an encoder
-    with an 'lm' head, RoPE with an odd head size, ...), which ModelConfig must reject.
+    with an 'lm' head, RoPE with an odd head size, ...), which ModelConfig must reject. The
+    decoder's own sizes (DECODER_SIZES) are drawn only for an encoder-decoder.
     """
     preset = draw(st.sampled_from(TEXT_PRESETS + IMAGE_PRESETS))
     n_heads = draw(st.sampled_from([1, 2, 4]))
@@ -68,7 +77,10 @@ def config_overrides(draw: st.DrawFn, switches: tuple[str, ...] = tuple(SWITCHES
                      max_seq_len=(image // patch) ** 2 + draw(st.integers(1, 3)))
     ids = {"pad_token_id": st.none() | st.integers(0, vocab - 1),
            "decoder_start_token_id": st.none() | st.integers(0, vocab - 1)}
-    chosen = draw(st.fixed_dictionaries({}, optional={**{k: SWITCHES[k] for k in switches}, **ids}))
+    chosen = draw(st.fixed_dictionaries({}, optional={**{k: SWITCHES[k] for k in switches if k in SWITCHES}, **ids}))
+    if chosen.get("kind", PRESETS[preset]["kind"]) == "encoder-decoder":
+        chosen.update(draw(st.fixed_dictionaries({}, optional={k: DECODER_SIZES[k] for k in switches
+                                                                if k in DECODER_SIZES})))
     return preset, {**sizes, **chosen}
 
 
@@ -80,7 +92,7 @@ def build_config(preset: str, overrides: dict[str, Any]) -> fk.ModelConfig | Non
         return None
 
 
-def valid_configs(switches: tuple[str, ...] = tuple(SWITCHES)) -> st.SearchStrategy[fk.ModelConfig]:
+def valid_configs(switches: tuple[str, ...] = (*SWITCHES, *DECODER_SIZES)) -> st.SearchStrategy[fk.ModelConfig]:
     """Tiny configs that ModelConfig accepts, drawn by ``config_overrides(switches)``."""
     return config_overrides(switches).map(lambda drawn: build_config(*drawn)).filter(lambda cfg: cfg is not None)
 

@@ -120,7 +120,8 @@ def test_required_sizes_must_be_positive_ints(name, value):
     raises(rf"{name} must be a positive integer, got {value!r}", **{name: value})
 
 
-@pytest.mark.parametrize("name", ["n_decoder_layers", "n_kv_heads", "d_head", "sliding_window"])
+@pytest.mark.parametrize("name", ["n_decoder_layers", "n_kv_heads", "d_head", "sliding_window", "decoder_n_heads",
+                                  "decoder_n_kv_heads", "decoder_d_ff"])
 @pytest.mark.parametrize("value", [0, -1, True, 1.5])
 def test_optional_sizes_must_be_positive_ints_or_none(name, value):
     raises(rf"{name} must be a positive integer or null, got {value!r}", **{name: value})

@@ -376,7 +376,8 @@ def test_hook_pattern_sees_probabilities_with_the_relative_bias():
 @pytest.mark.parametrize("hf, fragment", [
     ({"model_type": "t5", "feed_forward_proj": "fancy-relu"}, "not a T5 feed-forward type"),
     ({"model_type": "t5", "feed_forward_proj": "gated-mish"}, "mish"),
-    ({"model_type": "bart", "encoder_attention_heads": 4, "decoder_attention_heads": 8}, "decoder_attention_heads"),
+    ({"model_type": "bart", "d_model": 32, "encoder_attention_heads": 4, "decoder_attention_heads": 6},
+     "not divisible by decoder_n_heads=6"),
     ({"model_type": "bart", "architectures": ["BartForSequenceClassification"]}, "not supported"),
     ({"model_type": "t5", "architectures": ["T5EncoderModel"]}, "T5EncoderModel"),
 ])

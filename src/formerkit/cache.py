@@ -102,7 +102,7 @@ class KVCache(nn.Module):
     @classmethod
     def for_model(cls, model: nn.Module, batch_size: int, max_len: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
-        """Allocate a cache for ``model`` (its decoder, for encoder-decoder models).
+        """Allocate a cache for ``model`` (its decoder, with the decoder's sizes, for encoder-decoder models).
 
         max_len defaults to the model's max_seq_len; dtype and device follow the model's weights.
         Attention reads the whole buffer on an accelerator, windows of ``CPU_WINDOW_STEP`` slots on the CPU.
@@ -112,7 +112,8 @@ class KVCache(nn.Module):
             raise InputError("an encoder-only model attends to the whole sequence at once; it has no KV cache")
         weight = next(model.parameters())
         n_layers = cfg.decoder_layers if cfg.kind == "encoder-decoder" else cfg.n_layers
-        return cls(n_layers, batch_size, max_len or cfg.max_seq_len, cfg.kv_heads, cfg.head_dim,
+        sizes = cfg.decoder_config()  # the decoder's heads (an encoder-decoder's may differ from its encoder's)
+        return cls(n_layers, batch_size, max_len or cfg.max_seq_len, sizes.kv_heads, sizes.head_dim,
                    cross=cfg.kind == "encoder-decoder", dtype=dtype or weight.dtype, device=weight.device,
                    window_step=CPU_WINDOW_STEP if weight.device.type == "cpu" else None)
 

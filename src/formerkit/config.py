@@ -39,8 +39,9 @@ class ModelConfig:
     """The architecture and sizes of one Transformer.
 
     ``kind`` picks decoder-only (GPT, Llama), encoder-only (BERT) or encoder-decoder
-    (the original Transformer, T5, BART). For encoder-decoder models ``n_layers`` is the
-    encoder depth and ``n_decoder_layers`` the decoder depth (``None``: same as encoder).
+    (the original Transformer, T5, BART). For encoder-decoder models ``n_layers``, ``n_heads``,
+    ``n_kv_heads`` and ``d_ff`` size the encoder, and ``n_decoder_layers``, ``decoder_n_heads``,
+    ``decoder_n_kv_heads`` and ``decoder_d_ff`` the decoder (each ``None``: the encoder's value).
     """
 
     kind: Kind = "decoder"
@@ -52,6 +53,9 @@ class ModelConfig:
     n_kv_heads: int | None = None  # None: same as n_heads (MHA); 1: MQA; between: GQA
     d_head: int | None = None  # None: d_model // n_heads
     d_ff: int = 3072
+    decoder_n_heads: int | None = None  # encoder-decoder: the decoder's heads; None: n_heads
+    decoder_n_kv_heads: int | None = None  # encoder-decoder: the decoder's k/v heads; None: n_kv_heads (null: MHA)
+    decoder_d_ff: int | None = None  # encoder-decoder: the decoder's feed-forward width; None: d_ff
     max_seq_len: int = 1024
 
     position: Position = "learned"
@@ -129,6 +133,43 @@ class ModelConfig:
         return self.n_decoder_layers if self.n_decoder_layers is not None else self.n_layers
 
     @property
+    def decoder_heads(self) -> int:
+        """Query heads of the decoder of an encoder-decoder model (self- and cross-attention)."""
+        return self.decoder_n_heads if self.decoder_n_heads is not None else self.n_heads
+
+    @property
+    def decoder_kv_heads(self) -> int:
+        """Key/value heads of the decoder: decoder_n_kv_heads, else n_kv_heads, else (plain MHA) decoder_heads."""
+        if self.decoder_n_kv_heads is not None:
+            return self.decoder_n_kv_heads
+        return self.n_kv_heads if self.n_kv_heads is not None else self.decoder_heads
+
+    @property
+    def decoder_head_dim(self) -> int:
+        """Size of one attention head of the decoder (d_head when given, else d_model // decoder_heads)."""
+        return self.d_head if self.d_head is not None else self.d_model // self.decoder_heads
+
+    @property
+    def decoder_ff(self) -> int:
+        """Feed-forward width of the decoder of an encoder-decoder model."""
+        return self.decoder_d_ff if self.decoder_d_ff is not None else self.d_ff
+
+    def decoder_config(self) -> ModelConfig:
+        """The config the decoder stack's layers are built from: this one with the decoder's sizes.
+
+        Its ``n_heads``, ``n_kv_heads`` and ``d_ff`` are the decoder's and its ``decoder_*`` size
+        fields are null, so the blocks, the KV cache and the per-head position tables read one
+        config for either stack. Without decoder sizes (every decoder-only model) it is this config.
+        """
+        if self.decoder_n_heads is None and self.decoder_n_kv_heads is None and self.decoder_d_ff is None:
+            return self
+        return dataclasses.replace(
+            self, n_heads=self.decoder_heads, d_ff=self.decoder_ff,
+            n_kv_heads=self.decoder_n_kv_heads if self.decoder_n_kv_heads is not None else self.n_kv_heads,
+            decoder_n_heads=None, decoder_n_kv_heads=None, decoder_d_ff=None,
+        )
+
+    @property
     def rotary_dim(self) -> int:
         """Number of dims per head that RoPE rotates."""
         return int(self.head_dim * self.rotary_fraction)
@@ -163,7 +204,8 @@ class ModelConfig:
         """Build a named preset (see ``formerkit.presets.PRESETS``), with fields overridden.
 
         When ``d_model`` is overridden and ``d_ff`` is not, ``d_ff`` keeps the preset's ratio to
-        ``d_model`` (``gpt2`` at ``d_model=384`` gets ``d_ff=1536``, as transformers' GPT-2 config does).
+        ``d_model`` (``gpt2`` at ``d_model=384`` gets ``d_ff=1536``, as transformers' GPT-2 config does);
+        so does a preset's ``decoder_d_ff`` that the overrides leave alone.
         """
         from formerkit.presets import PRESETS
 
@@ -173,9 +215,11 @@ class ModelConfig:
                 f"available presets: {', '.join(sorted(PRESETS))}"
             )
         preset = PRESETS[name]
-        if "d_model" in overrides and "d_ff" not in overrides and isinstance(overrides["d_model"], int) \
-                and not isinstance(overrides["d_model"], bool) and overrides["d_model"] > 0:
-            overrides = {**overrides, "d_ff": scaled_d_ff(preset["d_ff"], preset["d_model"], overrides["d_model"])}
+        d_model = overrides.get("d_model")
+        if isinstance(d_model, int) and not isinstance(d_model, bool) and d_model > 0:
+            scaled = {key: scaled_d_ff(preset[key], preset["d_model"], d_model) for key in ("d_ff", "decoder_d_ff")
+                      if key not in overrides and preset.get(key) is not None}
+            overrides = {**overrides, **scaled}
         return cls.from_dict({**preset, **overrides})
 
     @classmethod
@@ -231,7 +275,8 @@ def _validate(cfg: ModelConfig) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    for name in ["n_decoder_layers", "n_kv_heads", "d_head", "sliding_window"]:
+    for name in ["n_decoder_layers", "n_kv_heads", "d_head", "sliding_window", "decoder_n_heads",
+                 "decoder_n_kv_heads", "decoder_d_ff"]:
         value = getattr(cfg, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ConfigError(f"{name} must be a positive integer or null, got {value!r}")
@@ -298,7 +343,30 @@ def _validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"attn_scale must be positive, got {cfg.attn_scale}")
     _validate_images(cfg)
     _validate_positions_and_decoding(cfg)
+    _validate_decoder_sizes(cfg)
     _validate_label_names(cfg)
+
+
+def _validate_decoder_sizes(cfg: ModelConfig) -> None:
+    """decoder_n_heads, decoder_n_kv_heads, decoder_d_ff: encoder-decoder only, held to the encoder's rules."""
+    for name, shared in [("decoder_n_heads", "n_heads"), ("decoder_n_kv_heads", "n_kv_heads"),
+                         ("decoder_d_ff", "d_ff")]:
+        if getattr(cfg, name) is not None and cfg.kind != "encoder-decoder":
+            raise ConfigError(f"{name} sizes the decoder of an encoder-decoder model, got kind={cfg.kind!r}; "
+                              f"set it to null ({shared} sizes the one stack)")
+    heads, kv_heads = cfg.decoder_heads, cfg.decoder_kv_heads
+    if cfg.d_head is None and cfg.d_model % heads != 0:
+        raise ConfigError(f"d_model={cfg.d_model} is not divisible by decoder_n_heads={heads}; "
+                          "change one of them or set d_head explicitly")
+    if heads % kv_heads != 0:
+        raise ConfigError(f"the decoder's {heads} heads (decoder_n_heads, else n_heads) are not a multiple of its "
+                          f"{kv_heads} key/value heads (decoder_n_kv_heads, else n_kv_heads); set "
+                          f"decoder_n_kv_heads to a divisor of {heads}")
+    rotated = int(cfg.decoder_head_dim * cfg.rotary_fraction)
+    if cfg.position == "rope" and (cfg.decoder_head_dim % 2 or rotated < 2 or rotated % 2):
+        raise ConfigError(f"RoPE rotates {rotated} of the decoder's {cfg.decoder_head_dim} dims per head "
+                          f"(d_model / decoder_n_heads={heads}); it needs an even head size and an even number "
+                          ">= 2 of rotated dims: change decoder_n_heads or set an even d_head")
 
 
 def _validate_eos(cfg: ModelConfig) -> None:

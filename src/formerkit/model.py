@@ -146,7 +146,11 @@ def _run_stack(
 
 
 class Stack(nn.Module):
-    """The encoder or the decoder of an encoder-decoder model."""
+    """The encoder or the decoder of an encoder-decoder model.
+
+    ``cfg`` gives the sizes of its layers: the model's config for the encoder, its
+    ``decoder_config()`` (the decoder's heads and feed-forward width) for the decoder.
+    """
 
     def __init__(self, cfg: ModelConfig, n_layers: int, *, cross: bool) -> None:
         super().__init__()
@@ -174,7 +178,7 @@ class Transformer(nn.Module):
                                       init_std=cfg.init_std) if images else None
         if cfg.kind == "encoder-decoder":
             self.encoder = Stack(cfg, cfg.n_layers, cross=False)
-            self.decoder = Stack(cfg, cfg.decoder_layers, cross=True)
+            self.decoder = Stack(cfg.decoder_config(), cfg.decoder_layers, cross=True)
         else:
             _add_stack_modules(self, cfg, cfg.n_layers, cross=False, types=cfg.type_vocab_size > 0)
         self.pooler = Pooler(cfg.d_model) if cfg.pooler else None

@@ -23,8 +23,10 @@ from formerkit.errors import CheckpointError
 from formerkit.fileio import write_json
 
 
-def _split_sizes(cfg: ModelConfig, n_parts: int) -> list[int]:
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+def _split_sizes(cfg: ModelConfig, name: str, n_parts: int) -> list[int]:
+    """Rows of the q, k, v (or k, v) parts of the fused projection ``name``, with its stack's head sizes."""
+    sizes = cfg.decoder_config() if name.startswith("decoder.") else cfg
+    q, kv = sizes.n_heads * sizes.head_dim, sizes.kv_heads * sizes.head_dim
     return [q, kv, kv] if n_parts == 3 else [kv, kv]
 
 
@@ -97,7 +99,7 @@ def state_to_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], tied: set[str]
         elif transform == "tied":
             parts = [tensor] * len(names)
         elif transform == "cat":
-            parts = list(tensor.split(_split_sizes(cfg, len(names))))
+            parts = list(tensor.split(_split_sizes(cfg, ours, len(names))))
         elif transform == "unbatch":
             parts = [tensor[None]]  # (N, D) -> (1, N, D)
         else:

@@ -40,18 +40,20 @@ def _head(hf: dict[str, Any], family: str) -> str:
 
 
 def _bart_in(hf: dict[str, Any]) -> dict[str, Any]:
-    """ModelConfig fields of a BART ``config.json`` dict; ConfigError for what formerkit cannot express."""
-    for encoder, decoder, default in [("encoder_attention_heads", "decoder_attention_heads", 16),
-                                      ("encoder_ffn_dim", "decoder_ffn_dim", 4096)]:
-        if hf.get(encoder, default) != hf.get(decoder, default):
-            raise ConfigError(f"BART with {encoder}={hf.get(encoder, default)} != {decoder}="
-                              f"{hf.get(decoder, default)} is not supported; formerkit's stacks share these sizes")
+    """ModelConfig fields of a BART ``config.json`` dict; ConfigError for what formerkit cannot express.
+
+    The decoder's head count and feed-forward width become ``decoder_n_heads``/``decoder_d_ff``
+    where they differ from the encoder's (null where equal).
+    """
     head = _head(hf, "bart")
     dropout = hf.get("dropout", 0.1)
+    heads, ffn = hf.get("encoder_attention_heads", 16), hf.get("encoder_ffn_dim", 4096)
+    decoder_heads, decoder_ffn = hf.get("decoder_attention_heads", 16), hf.get("decoder_ffn_dim", 4096)
     return {
         "kind": "encoder-decoder", "vocab_size": hf.get("vocab_size", 50265), "d_model": hf.get("d_model", 1024),
         "n_layers": hf.get("encoder_layers", 12), "n_decoder_layers": hf.get("decoder_layers", 12),
-        "n_heads": hf.get("encoder_attention_heads", 16), "d_ff": hf.get("encoder_ffn_dim", 4096),
+        "n_heads": heads, "d_ff": ffn, "decoder_n_heads": decoder_heads if decoder_heads != heads else None,
+        "decoder_d_ff": decoder_ffn if decoder_ffn != ffn else None,
         "max_seq_len": hf.get("max_position_embeddings", 1024), "position": "learned",
         "position_offset": BART_POSITION_OFFSET, "norm": "layernorm", "norm_eps": 1e-5, "norm_placement": "post",
         "final_norm": False, "embed_norm": True, "activation": activation(hf, "activation_function", "gelu"),
@@ -102,7 +104,8 @@ def _t5_in(hf: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-_COMMON = dict(parallel_block=False, qk_norm=False, sliding_window=None, n_kv_heads=None, pooler=False)
+_COMMON = dict(parallel_block=False, qk_norm=False, sliding_window=None, n_kv_heads=None, decoder_n_kv_heads=None,
+               pooler=False)
 
 
 def _head_problems(cfg: ModelConfig, family: str) -> list[str]:
@@ -124,6 +127,10 @@ def _t5_problems(cfg: ModelConfig) -> list[str]:
                           lm_head_bias=False, **_COMMON)
     if cfg.gated and cfg.activation == "gelu":
         problems.append("gated exact GELU (T5's 'gated-gelu' is the tanh approximation; use gelu_tanh)")
+    for name, shared in [("decoder_n_heads", "n_heads"), ("decoder_d_ff", "d_ff")]:
+        if getattr(cfg, name) not in (None, getattr(cfg, shared)):  # T5 has one num_heads and d_ff for both stacks
+            problems.append(f"{name}={getattr(cfg, name)} (needs {getattr(cfg, shared)} or null: T5's stacks "
+                            f"share {shared})")
     return problems + _head_problems(cfg, "t5")
 
 
@@ -142,7 +149,8 @@ def _shared_out(cfg: ModelConfig) -> dict[str, Any]:
 def _bart_out(cfg: ModelConfig) -> dict[str, Any]:
     return {**_shared_out(cfg), "d_model": cfg.d_model, "encoder_layers": cfg.n_layers,
             "decoder_layers": cfg.decoder_layers, "encoder_attention_heads": cfg.n_heads,
-            "decoder_attention_heads": cfg.n_heads, "encoder_ffn_dim": cfg.d_ff, "decoder_ffn_dim": cfg.d_ff,
+            "decoder_attention_heads": cfg.decoder_heads, "encoder_ffn_dim": cfg.d_ff,
+            "decoder_ffn_dim": cfg.decoder_ff,
             "max_position_embeddings": cfg.max_seq_len, "activation_function": TO_HF_ACTIVATION[cfg.activation],
             "dropout": cfg.resid_dropout, "attention_dropout": cfg.attn_dropout, "activation_dropout": 0.0,
             "scale_embedding": cfg.embed_scale}

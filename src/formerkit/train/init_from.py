@@ -25,7 +25,8 @@ from formerkit.model import Transformer
 _REPLACEABLE = ("lm_head.", "classifier.", "pooler.", "tok_embed.")
 # model options that describe the run rather than the architecture: the user's value wins
 _ARCHITECTURE_KEYS = {"kind", "d_model", "n_layers", "n_decoder_layers", "n_heads", "n_kv_heads", "d_head", "d_ff",
-                      "position", "norm", "norm_placement", "activation", "gated", "parallel_block", "patch_size"}
+                      "decoder_n_heads", "decoder_n_kv_heads", "decoder_d_ff", "position", "norm", "norm_placement",
+                      "activation", "gated", "parallel_block", "patch_size"}
 
 
 @dataclass
