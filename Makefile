@@ -43,11 +43,13 @@ tour: $(VENV)/.installed
 
 # Batch-1 decoding against llama.cpp on the same weights (docs/benchmarks.md). Installs the optional
 # reference first: llama-cpp-python builds llama.cpp from source (several minutes on 2 cores, once), and its
-# source distribution carries llama.cpp's own converter, unpacked under .cache/llama.cpp.
+# source distribution carries llama.cpp's own converter, unpacked under .cache/llama.cpp. llama.cpp is built
+# for this CPU (its default, GGML_NATIVE), without the multimodal library the benchmark does not use.
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CPP_SRC := .cache/llama.cpp
+LLAMA_CMAKE_ARGS ?=  # more llama.cpp build options, e.g. -DGGML_AVX512=OFF
 $(LLAMA_CPP_SRC)/convert_hf_to_gguf.py: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[test,bench-llamacpp]"
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e ".[test,bench-llamacpp]"
 	rm -rf .cache/llama-sdist && mkdir -p .cache/llama-sdist $(LLAMA_CPP_SRC)
 	$(PY) -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_CPP_VERSION)" -d .cache/llama-sdist
 	tar xzf .cache/llama-sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_CPP_SRC) --strip-components 3 \

@@ -91,6 +91,7 @@ def measure(gguf: Path, threads: int, prompt: list[int], long_prompt: list[int],
 
 
 def _child(gguf: str, threads: int, prompt: list[int], long_prompt: list[int], new_tokens: int) -> dict:
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
 
@@ -104,7 +105,8 @@ def _child(gguf: str, threads: int, prompt: list[int], long_prompt: list[int], n
     tokens = []
     start = time.perf_counter()
     for _ in range(new_tokens):
-        tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        tokens.append(int(np.argmax(last)))
         llm.eval(tokens[-1:])
     decode_seconds = time.perf_counter() - start
     llm.reset()

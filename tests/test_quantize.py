@@ -14,6 +14,7 @@ import formerkit as fk
 from formerkit.cache import KVCache
 from formerkit.checkpoints.quantized import QUANTIZATION_FILE, load_quantized, save_quantized
 from formerkit.generate.speculative import speculative_generate
+from formerkit.layers.linear import Linear
 from formerkit.layers.quantized import Int8Linear, quantize_int8, quantize_weight
 from formerkit.quantize import add_quantize_command, weight_bytes
 
@@ -128,7 +129,7 @@ def test_tied_head_choices():
     copied = quantize_int8(copy.deepcopy(model))
     assert isinstance(copied.lm_head.proj, Int8Linear)
     kept = quantize_int8(copy.deepcopy(model), quantize_tied_head=False)
-    assert type(kept.lm_head.proj) is nn.Linear and kept.lm_head.proj.weight is kept.tok_embed.weight
+    assert type(kept.lm_head.proj) is Linear and kept.lm_head.proj.weight is kept.tok_embed.weight
     assert isinstance(kept.blocks[0].attn.qkv, Int8Linear)
     float_bytes = weight_bytes(model)
     assert weight_bytes(kept) < weight_bytes(copied) < float_bytes

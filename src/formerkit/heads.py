@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from formerkit.layers.feedforward import ACTIVATIONS
+from formerkit.layers.linear import Linear
 from formerkit.layers.norm import build_norm
 
 IGNORE_INDEX = -100
@@ -32,12 +33,12 @@ class LMHead(nn.Module):
         self.scale = scale
         if transform is not None:
             activation, norm, eps, norm_bias = transform
-            self.dense = nn.Linear(d_model, d_model)
+            self.dense = Linear(d_model, d_model)
             self.act = ACTIVATIONS[activation]
             self.norm = build_norm(norm, d_model, eps, norm_bias)
         else:
             self.dense = self.norm = None
-        self.proj = nn.Linear(d_model, vocab_size, bias=bias)
+        self.proj = Linear(d_model, vocab_size, bias=bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Map hidden (B, T, d_model) to logits (B, T, vocab_size)."""
@@ -53,7 +54,7 @@ class Pooler(nn.Module):
 
     def __init__(self, d_model: int) -> None:
         super().__init__()
-        self.dense = nn.Linear(d_model, d_model)
+        self.dense = Linear(d_model, d_model)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Map hidden (B, T, d_model) to (B, d_model)."""
@@ -66,7 +67,7 @@ class ClassifierHead(nn.Module):
     def __init__(self, d_model: int, num_labels: int, dropout: float) -> None:
         super().__init__()
         self.dropout = nn.Dropout(dropout)
-        self.out = nn.Linear(d_model, num_labels)
+        self.out = Linear(d_model, num_labels)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """Map pooled (B, d_model) to logits (B, num_labels)."""

@@ -19,6 +19,7 @@ import torch
 from formerkit.generate.config import GenerationConfig, check_beam_options, with_options
 from formerkit.generate.plan import make_plan
 from formerkit.generate.steps import decode_step, start_decoding, sync_interval
+from formerkit.layers.linear import tune_linears
 from formerkit.model import Transformer
 
 _NEG = -1.0e9  # the score of an impossible hypothesis (finite, as in the reference, so sums stay ordered)
@@ -66,6 +67,7 @@ def beam_search(model: Transformer, input_ids: torch.Tensor | Sequence[Sequence[
     prompt = torch.full((B, 1), plan.decoder_start, dtype=torch.long, device=device) if encoder_decoder else ids
     if max_new_tokens == 0:
         return BeamOutput(prompt.repeat_interleave(R, 0), torch.zeros(B * R, device=device))
+    tune_linears(model)
 
     # the beams of an input are adjacent rows and share its padding, so positions need no reordering
     cache, logits, positions = start_decoding(model, ids.repeat_interleave(k, 0), plan.mask.repeat_interleave(k, 0),

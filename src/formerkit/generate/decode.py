@@ -29,6 +29,7 @@ from formerkit.generate.config import GenerationConfig, with_options
 from formerkit.generate.plan import GenerationPlan, make_plan
 from formerkit.generate.processors import choose, process
 from formerkit.generate.steps import decode_step, inference, start_decoding, sync_interval
+from formerkit.layers.linear import tune_linears
 
 StopCheck = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (tokens (B,), live (B,)) -> stop (B,) bool
 
@@ -96,6 +97,7 @@ def decode_loop(model: nn.Module, plan: GenerationPlan, stop_check: StopCheck | 
     """
     if plan.max_new_tokens == 0:
         return
+    tune_linears(model)  # the CPU's few-row kernel for this model's dtype, measured once per process
     with inference(model):
         state = start_state(model, plan)
     for step in range(plan.max_new_tokens):

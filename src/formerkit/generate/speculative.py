@@ -28,6 +28,7 @@ from formerkit.generate.config import GenerationConfig, with_options
 from formerkit.generate.plan import check_length, make_plan
 from formerkit.generate.processors import process, sample
 from formerkit.generate.steps import inference
+from formerkit.layers.linear import tune_linears
 from formerkit.model import Transformer
 
 
@@ -143,6 +144,8 @@ def speculative_generate(target: Transformer, draft: Transformer, input_ids: tor
     generator, ids, eos = plan.generator, plan.ids, plan.eos_ids  # ids: (1, L); eos: (E,)
     limit = ids.shape[1] + max_new_tokens
     proposed = accepted = calls = 0
+    tune_linears(target)
+    tune_linears(draft)
     with inference(target), inference(draft):
         target_cache, draft_cache = KVCache.for_model(target, 1, limit), KVCache.for_model(draft, 1, limit)
         done = False

@@ -13,6 +13,7 @@ from torch import nn
 
 from formerkit.cache import CrossKV, LayerKV
 from formerkit.layers.hooks import HookPoint
+from formerkit.layers.linear import Linear
 from formerkit.layers.norm import build_norm
 from formerkit.layers.position import apply_rotary
 
@@ -46,11 +47,11 @@ class Attention(nn.Module):
         self.backend = backend
         self.cross = cross
         if cross:
-            self.q = nn.Linear(d_model, n_heads * d_head, bias=qkv_bias)
-            self.kv = nn.Linear(d_model, 2 * n_kv_heads * d_head, bias=qkv_bias)
+            self.q = Linear(d_model, n_heads * d_head, bias=qkv_bias)
+            self.kv = Linear(d_model, 2 * n_kv_heads * d_head, bias=qkv_bias)
         else:
-            self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * d_head, bias=qkv_bias)
-        self.out = nn.Linear(n_heads * d_head, d_model, bias=out_bias)
+            self.qkv = Linear(d_model, (n_heads + 2 * n_kv_heads) * d_head, bias=qkv_bias)
+        self.out = Linear(n_heads * d_head, d_model, bias=out_bias)
         if qk_norm is not None:
             kind, eps, bias = qk_norm
             self.q_norm = build_norm(kind, d_head, eps, bias)
@@ -94,14 +95,17 @@ class Attention(nn.Module):
                     cache.k, cache.v = k, v
             q = q.transpose(1, 2)  # (B, H, T, D)
         else:
-            q, k, v = self.qkv(x).split([H * D, KV * D, KV * D], dim=-1)
-            q, k, v = q.view(B, T, H, D), k.view(B, T, KV, D), v.view(B, T, KV, D)
+            qkv = self.qkv(x).view(B, T, H + 2 * KV, D)
+            q, k, v = qkv.split([H, KV, KV], dim=2)  # (B, T, H|KV, D)
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
-            q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)  # (B, T, H|KV, D)
+            q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
             if rope is not None:
-                q = self.hook_rot_q(apply_rotary(q, *rope))
-                k = self.hook_rot_k(apply_rotary(k, *rope))
+                if self.q_norm is None and not (self.hook_q.active or self.hook_k.active):
+                    q, k = apply_rotary(qkv[:, :, :H + KV], *rope).split([H, KV], dim=2)  # both in one rotation
+                else:
+                    q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+                q, k = self.hook_rot_q(q), self.hook_rot_k(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T, D)
             if isinstance(cache, LayerKV):
                 k, v = cache.update(k, v)  # (B, KV, S, D): the whole static buffer, or the new keys alone

@@ -67,13 +67,13 @@ class Block(nn.Module):
         x = self.hook_resid_pre(x)
         if self.placement == "parallel":
             h = self.ln1(x)
-            attn = self.hook_attn_out(self.dropout(self_attn(h)))
-            mlp = self.hook_mlp_out(self.dropout(self.mlp(h)))
+            attn = self.hook_attn_out(self._drop(self_attn(h)))
+            mlp = self.hook_mlp_out(self._drop(self.mlp(h)))
             return self.hook_resid_post(x + attn + mlp)
         pre = self.placement == "pre"
 
         def residual(x: torch.Tensor, norm: nn.Module, fn, hook: HookPoint) -> torch.Tensor:
-            out = hook(self.dropout(fn(norm(x) if pre else x)))
+            out = hook(self._drop(fn(norm(x) if pre else x)))
             return x + out if pre else norm(x + out)
 
         x = residual(x, self.ln1, self_attn, self.hook_attn_out)
@@ -85,3 +85,7 @@ class Block(nn.Module):
             x = self.hook_resid_mid_cross(x)
         x = residual(x, self.ln2, self.mlp, self.hook_mlp_out)
         return self.hook_resid_post(x)
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual dropout while training; nothing to call in eval mode (decoding pays per call)."""
+        return self.dropout(x) if self.training and self.dropout.p > 0 else x

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from formerkit.layers.hooks import HookPoint
+from formerkit.layers.linear import Linear
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -26,9 +27,9 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, activation: str, gated: bool, bias: bool) -> None:
         super().__init__()
         self.act = ACTIVATIONS[activation]
-        self.fc_in = nn.Linear(d_model, d_ff, bias=bias)
-        self.fc_gate = nn.Linear(d_model, d_ff, bias=bias) if gated else None
-        self.fc_out = nn.Linear(d_ff, d_model, bias=bias)
+        self.fc_in = Linear(d_model, d_ff, bias=bias)
+        self.fc_gate = Linear(d_model, d_ff, bias=bias) if gated else None
+        self.fc_out = Linear(d_ff, d_model, bias=bias)
         self.hook_pre, self.hook_pre_linear, self.hook_post = HookPoint(), HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -69,13 +69,13 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] dims of x (B, T, H, D) by the given angles; keep the rest."""
+    """Rotate the first cos.shape[-1] dims of x (B, T, H, D) by the given angles, in float32; keep the rest."""
     rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    out = (x_rot.float() * cos + rotated.float() * sin).to(x.dtype)
-    return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+    whole = rot == x.shape[-1]
+    x32 = (x if whole else x[..., :rot]).float()  # (B, T, H, rot)
+    x1, x2 = x32.chunk(2, dim=-1)
+    out = torch.addcmul(x32 * cos, torch.cat((-x2, x1), dim=-1), sin).to(x.dtype)  # x cos + rotate_half(x) sin
+    return out if whole else torch.cat((out, x[..., rot:]), dim=-1)
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
