@@ -27,9 +27,23 @@ def test_tiny_run_measures_every_variant(bench, capsys):
     assert all(v > 0 for v in out["best"].values()) and out["bandwidth"] > 0
 
 
-def test_weight_bytes_count_every_linear_once(bench):
-    ours, theirs = bench.build_pair("tiny")
-    n_layers, d, _ = bench.SHAPES["tiny"]
+def test_a_llama_shape_with_prompt_speed(bench, capsys):
+    out = bench.main(["--models", "llama-tiny", "--batches", "1", "--precisions", "fp32", "--new-tokens", "4",
+                      "--repeats", "1", "--prompt-speed", "24"])
+    assert out["same_tokens"]["llama-tiny"] is True
+    assert {(r.precision, r.library) for r in out["prefill"]} == {("fp32", "formerkit"), ("fp32", "transformers")}
+    assert "prompt tokens/s" in capsys.readouterr().out
+
+
+def test_llamacpp_columns_need_the_optional_reference(bench, monkeypatch):
+    monkeypatch.setattr(bench.llamacpp, "available", lambda: "llama-cpp-python is not installed")
+    with pytest.raises(SystemExit, match="--llamacpp: llama-cpp-python is not installed"):
+        bench.main(["--models", "llama-tiny", "--llamacpp"])
+
+
+def test_weight_bytes_count_every_linear_once(bench, tmp_path):
+    ours, theirs = bench.build_pair("tiny", tmp_path)
+    _, n_layers, d, *_ = bench.SHAPES["tiny"]
     per_layer = d * 3 * d + d * d + d * 4 * d + 4 * d * d  # qkv, out, fc_in, fc_out
     expected = n_layers * per_layer + bench.VOCAB * d  # + the (tied) LM head, read every step
     assert bench.weight_bytes_per_token(ours) == 4 * expected
