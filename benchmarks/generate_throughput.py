@@ -1,16 +1,23 @@
-"""Generation throughput: formerkit's ``generate`` vs transformers' ``generate`` on the same weights, in one run.
+"""Generation throughput: formerkit's ``generate`` vs transformers' ``generate`` (and llama.cpp) on the same weights.
 
 Models: GPT-2-shaped decoders with a vocabulary of 8192 — "small" (6 layers, d_model 384,
-6 heads) and "base" (12 layers, d_model 768, 12 heads). transformers builds each one
-(random init, sdpa attention) and saves it; formerkit loads that directory, so both run
-identical weights, and the fp32 greedy tokens are checked to be equal before any timing.
+6 heads) and "base" (12 layers, d_model 768, 12 heads) — and "llama", the Llama shape a CPU
+user runs locally (12 layers, d_model 768, 12 heads, 4 KV heads, d_ff 2048: 88.1M parameters).
+transformers builds each one (random init, sdpa attention) and saves it; formerkit loads that
+directory, so both run identical weights, and the fp32 greedy tokens are checked to be equal
+before any timing.
 
 Each measurement generates ``--new-tokens`` tokens greedily after a ``--prompt-len``-token
 prompt, at batch 1 and batch 8, with no EOS (every row produces every token); tokens/s
 counts new tokens of all rows over the whole call (prefill included, as a user sees it).
+``--prompt-speed N`` also times a prompt of N tokens (and one new token) at batch 1.
 Precisions: fp32 and bf16 weights for both libraries, and formerkit's weight-only int8
 (bf16 activations, ``quantize_int8``). The runs of all variants alternate, ``--repeats``
 rounds, and the best round of each is reported (the least disturbed by other work).
+
+``--llamacpp`` (llama-shaped models; needs ``make bench-decode``'s optional reference) adds
+llama.cpp on the same weights, converted by its own converter to f32, bf16 and q8_0 (for
+formerkit's int8) and timed at batch 1 in a child process per round (``llamacpp.py``).
 
 The bound: at batch 1 decoding is memory-bound, since every new token reads every weight
 matrix once (the embedding lookup reads one row). The machine's read bandwidth is measured
@@ -21,8 +28,9 @@ matrix once (the embedding lookup reads one row). The machine's read bandwidth i
 (times the batch size at batch 8, where one weight read serves every row; compute may bind
 first there). Weights that fit in the L3 cache can beat this DRAM bound.
 
-    python benchmarks/generate_throughput.py [--models small,base] [--batches 1,8]
-        [--precisions fp32,bf16,int8] [--new-tokens 200] [--repeats 3] [--threads N]
+    python benchmarks/generate_throughput.py [--models small,base,llama] [--batches 1,8]
+        [--precisions fp32,bf16,int8] [--new-tokens 200] [--prompt-speed 512] [--llamacpp]
+        [--repeats 3] [--threads N]
 """
 
 from __future__ import annotations
