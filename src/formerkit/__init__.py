@@ -23,6 +23,7 @@ from formerkit.generate import (
     generate_text,
     speculative_generate,
 )
+from formerkit.interp import ActivationCache, run_with_cache, run_with_hooks
 from formerkit.layers.quantized import Int8Linear, quantize_int8
 from formerkit.model import ModelOutput, Transformer
 from formerkit.predict import classify, fill_mask
@@ -38,6 +39,7 @@ from formerkit.tokenizers import (
 from formerkit.version import __version__ as __version__
 
 __all__ = [
+    "ActivationCache",
     "BeamOutput",
     "ByteTokenizer",
     "CharTokenizer",
@@ -69,6 +71,8 @@ __all__ = [
     "load_quantized",
     "load_tokenizer",
     "quantize_int8",
+    "run_with_cache",
+    "run_with_hooks",
     "save_pretrained",
     "save_quantized",
     "speculative_generate",
