@@ -189,3 +189,33 @@ def test_bad_ablation_indices_are_refused():
         P.ablate_neurons(model, tokens, [(1, 64)])
     with pytest.raises(fk.InputError, match="kind"):
         P.ablate_heads(model, tokens, [(0, 0)], kind="resample")
+
+
+# ---- TransformerLens' own sweeps, run on the formerkit model -------------------------------
+
+class TLView:
+    """What TransformerLens' patching functions use of a model: ``cfg``, ``run_with_hooks`` (no module: eval mode).
+
+    TransformerLens 4 no longer builds a HookedTransformer from a config offline, so its sweep code
+    (index grid, patch setters, output shapes) runs here on the formerkit model itself.
+    """
+
+    def __init__(self, model: fk.Transformer) -> None:
+        c = model.config
+        self.model = model
+        self.cfg = type("Cfg", (), dict(n_layers=c.n_layers, n_heads=c.n_heads, n_key_value_heads=c.n_kv_heads,
+                                         device="cpu"))()
+
+    def run_with_hooks(self, tokens, fwd_hooks):
+        with torch.no_grad():
+            return run_with_hooks(self.model, tokens, fwd_hooks=fwd_hooks)
+
+
+@pytest.mark.parametrize("fn", [*SWEEPS, "get_act_patch_block_every"])
+def test_sweep_equals_transformerlens_patching(setup, fn):
+    tl_patching = pytest.importorskip("transformer_lens.patching")
+    model, corrupted, cache = setup
+    expected = getattr(tl_patching, fn)(TLView(model), corrupted, cache, metric)
+    got = getattr(P, fn)(model, corrupted, cache, metric, batch_size=16)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
