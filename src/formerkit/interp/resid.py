@@ -9,7 +9,7 @@ supplies the norms and the unembedding.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -17,10 +17,19 @@ from torch import nn
 from formerkit.errors import InputError
 from formerkit.layers.norm import LayerNorm
 
-if TYPE_CHECKING:
-    from formerkit.interp.activations import ActivationCache
-
 SliceInput = int | tuple | slice | Sequence[int] | torch.Tensor | None
+
+
+class ActivationCache(Protocol):
+    """What these functions read of ``formerkit.interp.ActivationCache`` (which imports this module)."""
+
+    model: nn.Module | None
+    n_layers: dict[str, int]
+    has_batch_dim: bool
+
+    def __getitem__(self, key: str | tuple) -> torch.Tensor: ...
+
+    def __contains__(self, key: object) -> bool: ...
 
 
 def apply_slice(t: torch.Tensor, s: SliceInput, dim: int) -> torch.Tensor:
