@@ -128,3 +128,15 @@ def test_refusals():
         type(cache)(dict(cache)).accumulated_resid()
     with pytest.raises(InputError, match="same shape"):
         cache.logit_attrs(cache.accumulated_resid(), ids(), incorrect_tokens=3)
+
+
+def test_a_cache_without_batch_dim():
+    model = build("gpt2")
+    _, cache = run_with_cache(model, ids(1, 7))
+    single = cache.remove_batch_dim()
+    assert single.model is model and not single.has_batch_dim
+    torch.testing.assert_close(single.accumulated_resid(apply_ln=True), cache.accumulated_resid(apply_ln=True)[:, 0])
+    parts = single.decompose_resid(layer=1, apply_ln=True)
+    torch.testing.assert_close(parts, cache.decompose_resid(layer=1, apply_ln=True)[:, 0])
+    torch.testing.assert_close(single.logit_attrs(single.decompose_resid(), ids(1, 7)[0], has_batch_dim=False),
+                               cache.logit_attrs(cache.decompose_resid(), ids(1, 7))[:, 0], **TOL)
