@@ -116,3 +116,11 @@ def test_logit_lens(both):
     W_U = ours.lm_head.proj.weight.T
     assert labels == ["0_pre", "1_pre", "final_post"]
     assert diff(lens, tl_stack @ W_U) < TOL and diff(lens[-1], logits) < TOL
+
+
+def test_stack_head_results(both):
+    _, _, _, (_, cache), (_, tl_cache) = both
+    for kwargs in ({}, {"incl_remainder": True}, {"layer": 1, "apply_ln": True}, {"pos_slice": -1}):
+        ours, labels = cache.stack_head_results(return_labels=True, **kwargs)
+        theirs, tl_labels = tl_cache.stack_head_results(return_labels=True, **kwargs)
+        assert labels == tl_labels and diff(ours, theirs) < TOL, kwargs

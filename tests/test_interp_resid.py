@@ -140,3 +140,14 @@ def test_a_cache_without_batch_dim():
     torch.testing.assert_close(parts, cache.decompose_resid(layer=1, apply_ln=True)[:, 0])
     torch.testing.assert_close(single.logit_attrs(single.decompose_resid(), ids(1, 7)[0], has_batch_dim=False),
                                cache.logit_attrs(cache.decompose_resid(), ids(1, 7))[:, 0], **TOL)
+
+
+def test_head_results_sum_to_the_attention_output(run):
+    model, _, cache = run
+    heads, labels = cache.stack_head_results(layer=1, return_labels=True)
+    assert labels == [f"L0H{h}" for h in range(4)] and heads.shape == (4, 2, 7, 32)
+    bias = model.blocks[0].attn.out.bias if model.blocks[0].attn.out.bias is not None else 0
+    torch.testing.assert_close(heads.sum(0) + bias, cache["attn_out", 0], **TOL)
+    whole = cache.stack_head_results(incl_remainder=True)
+    torch.testing.assert_close(whole.sum(0), cache["resid_post", 1], **TOL)
+    assert cache.stack_head_results(layer=0).shape == (0, 2, 7, 32)

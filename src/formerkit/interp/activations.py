@@ -146,6 +146,12 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         """
         return resid.decompose_resid(self, layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels)
 
+    def stack_head_results(self, layer: int | None = -1, return_labels: bool = False, incl_remainder: bool = False,
+                           pos_slice: resid.SliceInput = None,
+                           apply_ln: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
+        """Return every head's write before ``layer``: (layer * heads, batch, pos, d_model), labels "L0H0", ...."""
+        return resid.stack_head_results(self, layer, return_labels, incl_remainder, pos_slice, apply_ln)
+
     def apply_ln_to_stack(self, residual_stack: torch.Tensor, layer: int | None = None, mlp_input: bool = False,
                           pos_slice: resid.SliceInput = None, batch_slice: resid.SliceInput = None,
                           has_batch_dim: bool = True, recompute_ln: bool = False) -> torch.Tensor:

@@ -138,6 +138,45 @@ def decompose_resid(cache: ActivationCache, layer: int | None = None, mlp_input:
     return (out, labels) if return_labels else out
 
 
+def head_results(cache: ActivationCache, layer: int) -> torch.Tensor:
+    """Return each head's write to the stream in ``layer``: (batch, pos, heads, d_model).
+
+    That is ``hook_z`` of the head through its slice of W_O; the output bias is not included (it
+    belongs to no head), as in TransformerLens' ``hook_result``.
+    """
+    attn = _model(cache).blocks[layer].attn
+    z = cache[f"blocks.{layer}.attn.hook_z"]  # ([batch,] pos, heads, d_head)
+    w_o = attn.out.weight.view(-1, attn.n_heads, attn.d_head)  # (d_model, heads, d_head)
+    return torch.einsum("...hd,mhd->...hm", z, w_o.to(z.dtype))
+
+
+def stack_head_results(cache: ActivationCache, layer: int | None = -1, return_labels: bool = False,
+                       incl_remainder: bool = False, pos_slice: SliceInput = None,
+                       apply_ln: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
+    """Return the write of every head before ``layer``: (layer * heads [+ 1], batch, pos, d_model).
+
+    Labels "L0H0", "L0H1", ...; ``incl_remainder`` adds "remainder", the rest of the stream entering
+    ``layer`` (embeddings, MLPs, output biases). ``apply_ln`` divides by the cached norm scale of
+    ``layer``'s input. With ``return_labels``, returns (stack, labels).
+    """
+    layer = _final_layer(cache, layer)
+    parts = [apply_slice(head_results(cache, i), pos_slice, -3).movedim(-2, 0) for i in range(layer)]
+    labels = [f"L{i}H{h}" for i in range(layer) for h in range(parts[0].shape[0] if parts else 0)]
+    if incl_remainder:
+        entering = f"blocks.{layer - 1}.hook_resid_post" if layer else "blocks.0.hook_resid_pre"
+        stream = apply_slice(cache[entering], pos_slice, -2)
+        parts.append((stream - sum(p.sum(0) for p in parts))[None])
+        labels.append("remainder")
+    if parts:
+        out = torch.cat(parts)
+    else:
+        embed = apply_slice(cache["hook_embed"], pos_slice, -2)
+        out = embed.new_zeros(0, *embed.shape)
+    if apply_ln:
+        out = apply_ln_to_stack(cache, out, layer, pos_slice=pos_slice)
+    return (out, labels) if return_labels else out
+
+
 def apply_ln_to_stack(cache: ActivationCache, residual_stack: torch.Tensor, layer: int | None = None,
                       mlp_input: bool = False, pos_slice: SliceInput = None, batch_slice: SliceInput = None,
                       has_batch_dim: bool = True, recompute_ln: bool = False) -> torch.Tensor:
