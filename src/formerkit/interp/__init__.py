@@ -6,6 +6,23 @@ its short keys (``cache["pattern", 0]``). See docs/interpretability.md.
 
 from formerkit.interp.activations import ActivationCache
 from formerkit.interp.names import get_act_name
+from formerkit.interp.patching import (
+    ablate_heads,
+    ablate_neurons,
+    get_act_patch_attn_head_out_all_pos,
+    get_act_patch_attn_head_out_by_pos,
+    get_act_patch_attn_head_pattern_all_pos,
+    get_act_patch_attn_out,
+    get_act_patch_block_every,
+    get_act_patch_mlp_out,
+    get_act_patch_resid_mid,
+    get_act_patch_resid_pre,
+)
+from formerkit.interp.resid import logit_lens, top_tokens
 from formerkit.interp.run import Hook, hook_points, hooks, run_with_cache, run_with_hooks
 
-__all__ = ["ActivationCache", "Hook", "get_act_name", "hook_points", "hooks", "run_with_cache", "run_with_hooks"]
+__all__ = ["ActivationCache", "Hook", "ablate_heads", "ablate_neurons", "get_act_name",
+           "get_act_patch_attn_head_out_all_pos", "get_act_patch_attn_head_out_by_pos",
+           "get_act_patch_attn_head_pattern_all_pos", "get_act_patch_attn_out", "get_act_patch_block_every",
+           "get_act_patch_mlp_out", "get_act_patch_resid_mid", "get_act_patch_resid_pre", "hook_points", "hooks",
+           "logit_lens", "run_with_cache", "run_with_hooks", "top_tokens"]

@@ -6,8 +6,10 @@ import difflib
 from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
 
 import torch
+from torch import nn
 
 from formerkit.errors import InputError
+from formerkit.interp import resid
 from formerkit.interp.names import STACKS, get_act_name, split_stack
 
 Key = str | tuple
@@ -28,12 +30,17 @@ class ActivationCache(Mapping[str, torch.Tensor]):
     layer type, ``cache["resid_post", 1, "encoder"]`` or ``cache["pattern", 0, "decoder.cross_attn"]``.
 
     ``n_layers`` maps a stack prefix ("" for a single-stack model, "encoder." / "decoder.") to its
-    number of blocks, for negative layer indices.
+    number of blocks, for negative layer indices. ``model`` is the model that ran (``run_with_cache``
+    attaches it, as TransformerLens' cache holds its model): the residual-stream methods read its
+    norms and unembedding. ``has_batch_dim`` is False after ``remove_batch_dim``.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], n_layers: dict[str, int] | None = None) -> None:
+    def __init__(self, tensors: dict[str, torch.Tensor], n_layers: dict[str, int] | None = None,
+                 model: nn.Module | None = None, has_batch_dim: bool = True) -> None:
         self._tensors = dict(tensors)
         self.n_layers = dict(n_layers or {})
+        self.model = model
+        self.has_batch_dim = has_batch_dim
 
     # ---- lookup -------------------------------------------------------------------------
 
@@ -105,7 +112,7 @@ class ActivationCache(Mapping[str, torch.Tensor]):
             moved = {k: t.to(target) if t.is_floating_point() else t for k, t in self._tensors.items()}
         else:
             moved = {k: t.to(target) for k, t in self._tensors.items()}
-        return ActivationCache(moved, self.n_layers)
+        return ActivationCache(moved, self.n_layers, self.model, self.has_batch_dim)
 
     def remove_batch_dim(self) -> ActivationCache:
         """Return a new cache without the leading batch dimension: (1, T, d) -> (T, d).
@@ -117,4 +124,44 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         if bad:
             name, shape = next(iter(bad.items()))
             raise InputError(f"remove_batch_dim needs a batch of 1; {name} has shape {shape}")
-        return ActivationCache({k: t[0] for k, t in self._tensors.items()}, self.n_layers)
+        return ActivationCache({k: t[0] for k, t in self._tensors.items()}, self.n_layers, self.model, False)
+
+    # ---- the residual stream (TransformerLens' methods; the math is in formerkit.interp.resid) ----
+
+    def accumulated_resid(self, layer: int | None = None, incl_mid: bool = False, apply_ln: bool = False,
+                          pos_slice: resid.SliceInput = None, mlp_input: bool = False,
+                          return_labels: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
+        """Return the residual stream entering each layer up to ``layer``: (components, batch, pos, d_model).
+
+        Labels as TransformerLens: "0_pre", ("0_mid",) ..., "final_post". See ``resid.accumulated_resid``.
+        """
+        return resid.accumulated_resid(self, layer, incl_mid, apply_ln, pos_slice, mlp_input, return_labels)
+
+    def decompose_resid(self, layer: int | None = None, mlp_input: bool = False, mode: str = "all",
+                        apply_ln: bool = False, pos_slice: resid.SliceInput = None, incl_embeds: bool = True,
+                        return_labels: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
+        """Return the outputs that sum to the stream entering ``layer``: (components, batch, pos, d_model).
+
+        Labels "embed", "pos_embed", "0_attn_out", "0_mlp_out", ... See ``resid.decompose_resid``.
+        """
+        return resid.decompose_resid(self, layer, mlp_input, mode, apply_ln, pos_slice, incl_embeds, return_labels)
+
+    def stack_head_results(self, layer: int | None = -1, return_labels: bool = False, incl_remainder: bool = False,
+                           pos_slice: resid.SliceInput = None,
+                           apply_ln: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
+        """Return every head's write before ``layer``: (layer * heads, batch, pos, d_model), labels "L0H0", ...."""
+        return resid.stack_head_results(self, layer, return_labels, incl_remainder, pos_slice, apply_ln)
+
+    def apply_ln_to_stack(self, residual_stack: torch.Tensor, layer: int | None = None, mlp_input: bool = False,
+                          pos_slice: resid.SliceInput = None, batch_slice: resid.SliceInput = None,
+                          has_batch_dim: bool = True, recompute_ln: bool = False) -> torch.Tensor:
+        """Return ``residual_stack`` divided by the cached norm scale of ``layer``'s input (centred for LayerNorm)."""
+        return resid.apply_ln_to_stack(self, residual_stack, layer, mlp_input, pos_slice, batch_slice,
+                                       has_batch_dim, recompute_ln)
+
+    def logit_attrs(self, residual_stack: torch.Tensor, tokens: int | torch.Tensor,
+                    incorrect_tokens: int | torch.Tensor | None = None, pos_slice: resid.SliceInput = None,
+                    batch_slice: resid.SliceInput = None, has_batch_dim: bool = True) -> torch.Tensor:
+        """Return each component's projection on the unembedding of ``tokens``: (components, batch, pos)."""
+        return resid.logit_attrs(self, residual_stack, tokens, incorrect_tokens, pos_slice, batch_slice,
+                                 has_batch_dim)

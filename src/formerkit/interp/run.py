@@ -135,7 +135,8 @@ def run_with_cache(model: nn.Module, *args: Any, names_filter: NamesFilter = Non
     Only the hook points ``names_filter`` selects (see ``select``) get a hook, so nothing else is
     stored and attention layers without a stored ``hook_pattern`` keep their fast path. Stored
     tensors are detached, optionally moved to ``device`` and cast to ``dtype`` (floating tensors).
-    Returns (the output's logits, or its hidden states for a model without a head; the ActivationCache).
+    Returns (the output's logits, or its hidden states for a model without a head; the ActivationCache,
+    which holds ``model`` as ``cache.model`` for its residual-stream methods).
     """
     points = hook_points(model)
     names = select(points, names_filter)
@@ -149,5 +150,5 @@ def run_with_cache(model: nn.Module, *args: Any, names_filter: NamesFilter = Non
 
     with hooks(model, [(name, save) for name in names]):
         result = _model_result(model(*args, **forward_kwargs))
-    cache = ActivationCache({n: store[n] for n in points if n in store}, _layer_counts(model))
+    cache = ActivationCache({n: store[n] for n in points if n in store}, _layer_counts(model), model)
     return result, cache.remove_batch_dim() if remove_batch_dim else cache
