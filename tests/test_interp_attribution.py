@@ -10,6 +10,7 @@ from conftest import require
 from formerkit.errors import InputError
 from formerkit.interp import (
     attention_flow,
+    attention_relevance,
     attention_rollout,
     gradient_x_input,
     integrated_gradients,
@@ -195,6 +196,32 @@ def test_flow_equals_networkx_max_flow_on_a_real_model():
     assert flow[0, 5:].abs().max() == 0  # causal: a later token reaches no earlier position
 
 
+# ---- gradient-weighted attention relevance ---------------------------------------------------
+
+def test_relevance_is_the_identity_row_when_attention_does_not_reach_the_logit():
+    model, tokens = linear_model(), ids()  # the attention output is zeroed: the logit's gradient on A is 0
+    rel = attention_relevance(model, tokens, [5, 9], position=2)
+    torch.testing.assert_close(rel, torch.eye(tokens.shape[1])[2].expand(2, -1))
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "llama"])
+def test_relevance_equals_the_recurrence_on_autograd_gradients(preset):
+    model, tokens = build(preset), ids()
+    eager = build(preset, attn_backend="eager")  # the same weights; plain hooks do not switch to the eager path
+    patterns = []
+    for b in eager.blocks:
+        b.attn.hook_pattern.register_forward_hook(lambda m, i, o: patterns.append(o) or None)
+    logits = eager(tokens).logits
+    grads = torch.autograd.grad(logits[:, -1, 7].sum(), patterns)
+    T = tokens.shape[1]
+    r = torch.eye(T).expand(2, T, T)
+    for a, g in zip(patterns, grads, strict=True):
+        r = r + (g * a).clamp(min=0).mean(1) @ r
+    rel = attention_relevance(model, tokens, 7)
+    torch.testing.assert_close(rel, r[:, -1].detach())
+    assert rel[:, -1].min() >= 1 and rel.min() >= 0
+
+
 # ---- errors ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("call, message", [
@@ -207,6 +234,7 @@ def test_flow_equals_networkx_max_flow_on_a_real_model():
     (lambda m, t: attention_rollout(torch.ones(2, 1, 4, 3)), "patterns must be"),
     (lambda m, t: attention_rollout([]), "patterns is empty"),
     (lambda m, t: attention_flow(torch.ones(2, 1, 1, 3, 3), position=3), "position must be in"),
+    (lambda m, t: attention_relevance(m, t, VOCAB + 1), "target ids must be in"),
 ])
 def test_bad_inputs_are_refused(call, message):
     with pytest.raises(InputError, match=message):

@@ -1,6 +1,7 @@
-"""Attribution of one logit to the input tokens: gradient x input, integrated gradients, attention rollout and flow.
+"""Attribution of one logit to the input tokens.
 
-The gradient methods replace a (batch, pos, d_model) activation (the token embeddings at
+Gradient x input, integrated gradients, attention rollout and flow, gradient-weighted attention
+relevance (Chefer et al. 2021). The gradient methods replace a (batch, pos, d_model) activation (the token embeddings at
 ``hook_embed`` by default) through a forward hook, so gradients reach it; the attention methods
 read per-layer patterns (``hook_pattern``, (batch, heads, T, T)) as ``run_with_cache`` stores them.
 Rollout and flow follow Abnar & Zuidema 2020; flow solves one max-flow per input token (Edmonds-Karp).
@@ -126,6 +127,40 @@ def integrated_gradients(model: nn.Module, input_ids: torch.Tensor, target: int 
         ends = _pick(_logits_at(model, input_ids.repeat(2, 1), name, torch.cat([act, base])),
                      target.repeat(2), position)
     return attr, ends[:B] - ends[B:] - attr.sum(-1)
+
+
+def attention_relevance(model: nn.Module, input_ids: torch.Tensor, target: int | Sequence[int] | torch.Tensor, *,
+                        position: int = -1) -> torch.Tensor:
+    """Gradient-weighted attention relevance (Chefer et al. 2021) of each row's ``target`` logit at ``position``.
+
+    With A each layer's pattern (``hook_pattern``) and dA the target logit's gradient there:
+    R = I; for each layer, first to last, R += mean_heads(clamp(dA * A, min=0)) @ R.
+    Single-stack models. Returns R's row at ``position``: (batch, T_in).
+    """
+    _, _, target = _prepare(model, input_ids, target, position, "embed")
+    names = [n for n in hook_points(model) if n.startswith("blocks.") and n.endswith(".attn.hook_pattern")]
+    if not names:
+        raise InputError("attention_relevance covers single-stack models with self-attention blocks")
+    patterns: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
+
+    def save(t: torch.Tensor, hook: Hook) -> None:
+        patterns[hook.name] = t.detach()
+
+    def save_grad(g: torch.Tensor, hook: Hook) -> None:
+        grads[hook.name] = g.detach()
+
+    leaf = [("hook_embed", lambda a, _h: a.detach().requires_grad_(True))]  # gradients reach the patterns
+    with torch.enable_grad():
+        logits = run_with_hooks(model, input_ids, fwd_hooks=leaf + [(n, save) for n in names],
+                                bwd_hooks=[(n, save_grad) for n in names])
+        _pick(logits, target, position).sum().backward()
+    B, T = input_ids.shape
+    r = torch.eye(T, device=input_ids.device).expand(B, T, T)  # (batch, T_out, T_in)
+    for n in names:
+        a = (grads[n] * patterns[n]).clamp(min=0).float().mean(1)  # (batch, T, T)
+        r = r + a @ r
+    return r[:, position]
 
 
 def _mixed(patterns: torch.Tensor | Sequence[torch.Tensor], add_residual: bool) -> torch.Tensor:
