@@ -74,6 +74,20 @@ def test_gradient_x_input_equals_autograd_on_a_hand_hooked_forward(preset):
     assert full[:, 4:].abs().max() == 0  # causal: later tokens do not reach position 3
 
 
+def test_gradient_x_input_of_a_classifier_label():
+    model, tokens = build("bert-base", head="classifier", num_labels=3), ids()
+    attr = gradient_x_input(model, tokens, [2, 0])
+    x = model.tok_embed(tokens).detach().requires_grad_(True)
+    handle = model.hook_embed.register_forward_hook(lambda m, i, o: x)
+    try:
+        model(tokens).logits[torch.arange(2), torch.tensor([2, 0])].sum().backward()
+    finally:
+        handle.remove()
+    torch.testing.assert_close(attr, (x.grad * x).sum(-1).detach())
+    with pytest.raises(InputError, match=r"in \[0, 3\)"):
+        gradient_x_input(model, tokens, 3)
+
+
 def test_gradient_x_input_at_a_block_input():
     model, tokens = build(), ids()
     attr = gradient_x_input(model, tokens, 3, layer="blocks.1.hook_resid_pre")
@@ -239,3 +253,8 @@ def test_relevance_equals_the_recurrence_on_autograd_gradients(preset):
 def test_bad_inputs_are_refused(call, message):
     with pytest.raises(InputError, match=message):
         call(build(), ids())
+
+
+def test_a_model_without_a_head_is_refused():
+    with pytest.raises(InputError, match="no head"):
+        gradient_x_input(build(head="none"), ids(), 1)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from formerkit.errors import InputError
-from formerkit.interp.run import Hook, hook_points, run_with_hooks
+from formerkit.interp.run import Hook, hook_points, hooks, run_with_hooks
 
 
 def _hook_name(model: nn.Module, layer: str) -> str:
@@ -61,9 +61,9 @@ def _prepare(model: nn.Module, input_ids: torch.Tensor, target, position: int,
     def save(act: torch.Tensor, hook: Hook) -> None:
         seen["act"] = act.detach()
 
-    with torch.no_grad():
-        logits = run_with_hooks(model, input_ids, fwd_hooks=[(name, save)])
-    if logits.dim() not in (2, 3):
+    with torch.no_grad(), hooks(model, [(name, save)]):
+        logits = getattr(model(input_ids), "logits", None)
+    if logits is None:
         raise InputError("attribution needs logits (an LM or classifier head); this model has no head")
     return name, seen["act"], _targets(target, input_ids.shape[0], logits.shape[-1]).to(input_ids.device)
 
