@@ -5,7 +5,8 @@ loads it, transformers loads it, and TransformerLens 4 boots its ``TransformerBr
 directory offline (benchmarks/interp_models.py). On the same ids (batch x tokens of the shape) it times
 the plain forward of each library, formerkit's forward with its hook points made bare identities
 (the cost of unused hook points), ``run_with_cache`` storing every hook point and only
-``hook_resid_post``, with the bytes each cache stores and the peak rise of resident memory during
+``hook_resid_post``, with the bytes of the tensors each cache stores (summed, and counting
+shared memory once) and the peak rise of resident memory during
 the call (``interp_models.peak_bytes``). Then a ``resid_pre`` patching sweep at batch 1 (clean and
 corrupted prompts differ in one token): formerkit's batched ``get_act_patch_resid_pre``, one
 formerkit forward per (layer, position) with one hook, and TransformerLens' own
@@ -77,7 +78,9 @@ def measure_caching(model: fk.Transformer, hf: torch.nn.Module, bridge, ids: tor
     for key in ("fk_forward", "tl_forward", "fk_cache", "tl_cache"):
         out[key + "_peak"] = im.peak_bytes(cases[key + "_s"])
     (_, ours), (_, theirs) = run_with_cache(model, ids), bridge.run_with_cache(ids)
-    out |= {"fk_cache_bytes": im.cache_bytes(ours), "tl_cache_bytes": im.cache_bytes(theirs),
+    (out["fk_cache_bytes"], out["fk_cache_held"]), (out["tl_cache_bytes"], out["tl_cache_held"]) = map(
+        im.cache_bytes, (ours, theirs))
+    out |= {
             "fk_cache_entries": len(ours), "tl_cache_entries": len(theirs),
             "resid_post_diff": max((ours[n] - theirs[n]).abs().max().item() for n in ours if is_resid_post(n))}
     return out
@@ -140,8 +143,9 @@ def report(r: dict) -> None:
         ("forward", ms(r["fk_forward_s"]), ms(r["tl_forward_s"]), f"transformers {ms(r['hf_forward_s'])}"),
         ("forward, hook points bare", ms(r["fk_bare_forward_s"]), "", ""),
         ("run_with_cache, every hook", ms(r["fk_cache_s"]), ms(r["tl_cache_s"]), ""),
-        ("  tensors stored", f"{r['fk_cache_entries']}, {mib(r['fk_cache_bytes'])}",
+        ("  tensors, their bytes", f"{r['fk_cache_entries']}, {mib(r['fk_cache_bytes'])}",
          f"{r['tl_cache_entries']}, {mib(r['tl_cache_bytes'])}", ""),
+        ("  distinct storages' bytes", mib(r["fk_cache_held"]), mib(r["tl_cache_held"]), ""),
         ("  peak rise (forward alone)", f"{mib(r['fk_cache_peak'])} ({mib(r['fk_forward_peak'])})",
          f"{mib(r['tl_cache_peak'])} ({mib(r['tl_forward_peak'])})", ""),
         ("run_with_cache, resid_post", ms(r["fk_resid_s"]), ms(r["tl_resid_s"]), ""),

@@ -104,6 +104,10 @@ def peak_bytes(fn: Callable[[], Any]) -> int:
     return _status_kb("VmHWM") - before
 
 
-def cache_bytes(cache: Any) -> int:
-    """The bytes of every tensor a cache stores."""
-    return sum(t.nbytes for t in cache.values())
+def cache_bytes(cache: Any) -> tuple[int, int]:
+    """The bytes of every tensor a cache stores, summed, and the bytes of their distinct storages (what it holds).
+
+    The two differ where entries share memory: views of one tensor under several names.
+    """
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in cache.values()}
+    return sum(t.nbytes for t in cache.values()), sum(storages.values())
