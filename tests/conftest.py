@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -113,3 +114,18 @@ class ScriptedTokens:
         forced[:, self.tokens[min(self.calls, len(self.tokens) - 1)]] = 10.0
         self.calls += 1
         return torch.cat([logits[:, :-1], forced[:, None]], dim=1)
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module, names: list[str]):
+    """The brute-force reference for hook points: a plain forward hook on each named module, storing a copy of
+    its output in the yielded dict; the hooks are removed when the block ends."""
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.detach().clone()))
+               for n in names]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import formerkit as fk
+from conftest import recording
 from formerkit.layers.feedforward import ACTIVATIONS
 from formerkit.layers.hooks import HookPoint
 
@@ -33,20 +32,6 @@ def stack_hook_names(n_layers: int, prefix: str = "", cross: bool = False) -> li
     for i in range(n_layers):
         names += [f"{prefix}blocks.{i}.{h}" for h in BLOCK_HOOKS + (CROSS_HOOKS if cross else [])]
     return names
-
-
-@contextlib.contextmanager
-def recording(model: torch.nn.Module, names: list[str]):
-    """Record the output of every named hook point during the block."""
-    modules = dict(model.named_modules())
-    seen: dict[str, torch.Tensor] = {}
-    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.detach()))
-               for n in names]
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def assert_all_fire(model: fk.Transformer, names: list[str], **kwargs) -> dict[str, torch.Tensor]:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import formerkit as fk
+from conftest import recording
 from formerkit.interp import ActivationCache, get_act_name, hook_points, hooks, run_with_cache, run_with_hooks
 
 VOCAB = 64
@@ -23,20 +22,6 @@ def build(preset: str, seed: int = 0, **overrides) -> fk.Transformer:
 
 def ids(B: int = 2, T: int = 7, seed: int = 1) -> torch.Tensor:
     return torch.randint(2, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-@contextlib.contextmanager
-def recording(model: torch.nn.Module, names: list[str]):
-    """The brute-force reference: a plain forward hook on each named module, storing its output."""
-    modules = dict(model.named_modules())
-    seen: dict[str, torch.Tensor] = {}
-    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.detach().clone()))
-               for n in names]
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def no_hooks_left(model: torch.nn.Module) -> bool:
