@@ -40,7 +40,7 @@ def call_kwargs(preset: str) -> dict:
 @pytest.mark.parametrize("preset", ["gpt2", "llama", "bert-base", "t5-small"])
 def test_cache_equals_hand_registered_hooks(preset):
     model = build(preset)
-    names = list(hook_points(model))
+    names = [n for n in hook_points(model) if not n.endswith("hook_result")]  # per-head results: on request
     kwargs = call_kwargs(preset)
     with recording(model, names) as seen:
         ref = model(**kwargs)
@@ -116,6 +116,70 @@ def test_encoder_decoder_short_keys_name_the_stack():
         cache["resid_post", 0]
     with pytest.raises(fk.InputError, match="ambiguous"):
         cache["embed"]
+
+
+# ---- attention scores and per-head results ----------------------------------------------
+
+@pytest.mark.parametrize("preset", ["gpt2", "llama"])
+def test_attention_scores_are_the_scaled_products_before_softmax(preset):
+    model = build(preset)
+    _, cache = run_with_cache(model, ids())
+    for i, block in enumerate(model.blocks):
+        scores, pattern = cache["attn_scores", i], cache["pattern", i]  # (B, H, T, T)
+        torch.testing.assert_close(scores.softmax(-1), pattern)
+        q, k = (cache["rot_" + n if preset == "llama" else n, i] for n in "qk")  # (B, T, H|KV, D)
+        k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)  # GQA: each query head's key head
+        brute = torch.einsum("bqhd,bkhd->bhqk", q, k) * block.attn.scale
+        causal = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).tril()
+        torch.testing.assert_close(scores[..., causal], brute[..., causal], rtol=1e-5, atol=1e-5)
+        assert (scores[..., ~causal] < -1e30).all()  # masked: float32's minimum, as in TransformerLens
+
+
+@pytest.mark.parametrize("preset", ["llama", "t5-small"])
+def test_editing_attention_scores_steers_the_pattern(preset):
+    model = build(preset)
+    kwargs = call_kwargs(preset)
+    name = "decoder.blocks.0.attn.hook_attn_scores" if "t5" in preset else "blocks.0.attn.hook_attn_scores"
+
+    def hide_first_key(scores, hook):
+        scores = scores.clone()
+        scores[..., 1:, 0] = torch.finfo(scores.dtype).min  # no query but the first may read position 0
+        return scores
+
+    plain = run_with_hooks(model, **kwargs)
+    with hooks(model, [(name, hide_first_key)]):
+        steered, cache = run_with_cache(model, **kwargs, names_filter=name.replace("attn_scores", "pattern"))
+    pattern = cache[name.replace("attn_scores", "pattern")]
+    assert pattern[..., 1:, 0].abs().max() == 0 and torch.allclose(pattern.sum(-1), torch.ones(()))
+    assert not torch.allclose(steered, plain) and no_hooks_left(model)
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "llama", "bart-base"])
+def test_per_head_results_sum_to_the_attention_output(preset):
+    model = build(preset)
+    kwargs = call_kwargs(preset)
+    stack = "decoder." if preset == "bart-base" else ""
+    out, cache = run_with_cache(model, **kwargs,
+                                names_filter=lambda n: n.endswith(("hook_result", "attn.hook_z", "hook_attn_out")))
+    torch.testing.assert_close(out, run_with_hooks(model, **kwargs), rtol=1e-5, atol=1e-5)
+    blocks = model.decoder.blocks if stack else model.blocks
+    for i, block in enumerate(blocks):
+        result, z = cache[f"{stack}blocks.{i}.attn.hook_result"], cache[f"{stack}blocks.{i}.attn.hook_z"]
+        H, D = z.shape[2], z.shape[3]
+        w_o = block.attn.out.weight.view(-1, H, D)  # (d_model, H, D)
+        torch.testing.assert_close(result, torch.einsum("bthd,mhd->bthm", z, w_o), rtol=1e-5, atol=1e-5)
+        bias = block.attn.out.bias if block.attn.out.bias is not None else 0
+        torch.testing.assert_close(result.sum(2) + bias, cache[f"{stack}blocks.{i}.hook_attn_out"],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_per_head_results_of_an_int8_model_sum_to_its_output():
+    from formerkit.layers.quantized import quantize_int8
+
+    model = quantize_int8(build("gpt2"))
+    _, cache = run_with_cache(model, ids(), names_filter=lambda n: n.endswith(("hook_result", "hook_attn_out")))
+    bias = model.blocks[1].attn.out.bias
+    torch.testing.assert_close(cache["result", 1].sum(2) + bias, cache["attn_out", 1], rtol=1e-4, atol=1e-4)
 
 
 # ---- names_filter ------------------------------------------------------------------------
@@ -205,7 +269,7 @@ def test_padded_batch_caches_what_each_row_gives_alone(preset, side):
         real = spans[b]
         for name, t in alone.items():
             got = cache[name][b:b + 1]
-            got = got[:, :, real, real] if name.endswith("hook_pattern") else got[:, real]
+            got = got[:, :, real, real] if name.endswith(("hook_pattern", "hook_attn_scores")) else got[:, real]
             torch.testing.assert_close(got, t, rtol=1e-4, atol=1e-4, msg=f"row {b}: {name}")
         pattern = cache["pattern", 1][b]  # (H, T, S)
         torch.testing.assert_close(pattern[:, real].sum(-1), torch.ones(4, len(row)))

@@ -73,14 +73,16 @@ def shared_names(kind: str) -> list[str]:
     for i in range(2):
         out += [f"blocks.{i}.{n}" for n in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
                                             "hook_mlp_out", "ln1.hook_scale", "ln2.hook_scale", "attn.hook_q",
-                                            "attn.hook_k", "attn.hook_v", "attn.hook_pattern", "attn.hook_z",
+                                            "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores",
+                                            "attn.hook_pattern", "attn.hook_z",
                                             "mlp.hook_pre", "mlp.hook_post")]
     return out
 
 
 def diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference; masked attention scores (float32's minimum in both) compare as equal."""
     assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b.detach()).abs().max().item()
+    return (a.clamp(min=-1e30) - b.detach().clamp(min=-1e30)).abs().max().item()
 
 
 def test_logits_and_every_shared_activation(both):
@@ -124,3 +126,11 @@ def test_stack_head_results(both):
         ours, labels = cache.stack_head_results(return_labels=True, **kwargs)
         theirs, tl_labels = tl_cache.stack_head_results(return_labels=True, **kwargs)
         assert labels == tl_labels and diff(ours, theirs) < TOL, kwargs
+
+
+def test_per_head_results_equal_transformer_lens_head_stack(both):
+    _, ours, tokens, _, (_, tl_cache) = both
+    _, cache = run_with_cache(ours, tokens, names_filter=lambda n: n.endswith("hook_result"))
+    theirs = tl_cache.stack_head_results()  # (layers * heads, batch, pos, d_model), from z and W_O
+    ours_stacked = torch.cat([cache["result", i].permute(2, 0, 1, 3) for i in range(2)])
+    assert diff(ours_stacked, theirs) < TOL

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-ATTN_NAMES = frozenset({"q", "k", "v", "z", "pattern", "rot_q", "rot_k"})
+ATTN_NAMES = frozenset({"q", "k", "v", "z", "pattern", "attn_scores", "result", "rot_q", "rot_k"})
 MLP_NAMES = frozenset({"pre", "post", "pre_linear"})
 STACKS = ("encoder", "decoder")
 # TransformerLens' aliases of activation names and of layer types

@@ -42,11 +42,14 @@ def hook_points(model: nn.Module) -> dict[str, HookPoint]:
 def select(points: dict[str, HookPoint], names_filter: NamesFilter) -> list[str]:
     """Return the names of ``points`` that ``names_filter`` asks for.
 
-    None: all; a string: that one name; a sequence: those names; a callable: the names it is true for.
+    None: all but the per-head ``hook_result`` points (computing them runs each attention output
+    projection once per head, so they are stored only when named or chosen by a predicate, as
+    TransformerLens stores them only with ``use_attn_result``); a string: that one name; a sequence:
+    those names; a callable: the names it is true for.
     Raises InputError, before anything runs, for a named hook point the model does not have.
     """
     if names_filter is None:
-        return list(points)
+        return [n for n in points if not n.endswith(".hook_result")]
     if callable(names_filter):
         return [n for n in points if names_filter(n)]
     wanted = [names_filter] if isinstance(names_filter, str) else list(names_filter)

@@ -1,8 +1,10 @@
 """Multi-head attention (MHA, GQA, MQA), self or cross, with sdpa and eager backends.
 
 The sdpa backend calls ``torch.nn.functional.scaled_dot_product_attention``; the eager
-backend materializes the attention probabilities so ``hook_pattern`` can see them. A model
-switches to eager on its own for any layer whose ``hook_pattern`` has a hook registered.
+backend materializes the scores and probabilities so ``hook_attn_scores`` and ``hook_pattern``
+can see them. A layer switches to eager on its own while either of them has a hook registered.
+``hook_result`` (each head's share of the output, (B, T, H, d_model)) is computed only while it
+has a hook: the output projection then runs once per head.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
-        self.hook_pattern, self.hook_z = HookPoint(), HookPoint()
+        self.hook_attn_scores, self.hook_pattern, self.hook_z = HookPoint(), HookPoint(), HookPoint()
+        self.hook_result = HookPoint()
 
     def forward(
         self,
@@ -111,7 +114,7 @@ class Attention(nn.Module):
                 k, v = cache.update(k, v)  # (B, KV, S, D): the whole static buffer, or the new keys alone
         if bias is not None and bias.dtype != q.dtype:
             bias = bias.to(q.dtype).clamp(min=torch.finfo(q.dtype).min)
-        if self.backend == "eager" or self.hook_pattern.active:
+        if self.backend == "eager" or self.hook_pattern.active or self.hook_attn_scores.active:
             z = self._eager(q, k, v, bias, is_causal)
         else:
             z = F.scaled_dot_product_attention(
@@ -123,7 +126,22 @@ class Attention(nn.Module):
                 enable_gqa=KV != H,
             )  # (B, H, T, D)
         z = self.hook_z(z.transpose(1, 2))  # (B, T, H, D)
+        if self.hook_result.active:
+            return self._per_head_output(z)
         return self.out(z.reshape(B, T, H * D))
+
+    def _per_head_output(self, z: torch.Tensor) -> torch.Tensor:
+        """The output projection of z (B, T, H, D) as a sum of per-head results, passed through ``hook_result``.
+
+        Head h's result is ``out`` applied to z with every other head zeroed, less ``out`` of zeros (the
+        bias), so it holds for any projection module (int8, adapters). Returns (B, T, d_model).
+        """
+        B, T, H, D = z.shape
+        alone = torch.eye(H, dtype=z.dtype, device=z.device)  # (H, H): row h keeps head h
+        spread = z.unsqueeze(2) * alone.view(1, 1, H, H, 1)  # (B, T, H, H, D)
+        baseline = self.out(z.new_zeros(1, H * D))  # (1, d_model): the bias, or zeros
+        result = self.hook_result(self.out(spread.reshape(B, T, H, H * D)) - baseline)  # (B, T, H, d_model)
+        return result.sum(dim=2) + baseline
 
     def _norm_q(self, q: torch.Tensor) -> torch.Tensor:
         return self.q_norm(q) if self.q_norm is not None else q
@@ -142,7 +160,8 @@ class Attention(nn.Module):
     def _eager(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, is_causal: bool
     ) -> torch.Tensor:
-        """Attention with explicit probabilities (B, H, T, S), passed through ``hook_pattern``."""
+        """Attention with explicit scores and probabilities (B, H, T, S), passed through ``hook_attn_scores``
+        and ``hook_pattern``; returns z (B, H, T, D)."""
         group = self.n_heads // self.n_kv_heads
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -153,6 +172,7 @@ class Attention(nn.Module):
             T, S = scores.shape[-2:]
             future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1)
             scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
+        scores = self.hook_attn_scores(scores)  # (B, H, T, S), masked entries at float32's minimum
         pattern = self.hook_pattern(scores.softmax(dim=-1).to(v.dtype))
         pattern = F.dropout(pattern, self.dropout, self.training)
         return pattern @ v  # (B, H, T, D)
