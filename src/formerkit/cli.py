@@ -253,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_quantize_command(sub)
 
+    from formerkit.interp.command import add_inspect_command
+
+    add_inspect_command(sub)
+
     p = sub.add_parser("tour", help="build every preset, then embed sentences with the real MiniLM checkpoint")
     p.set_defaults(func=cmd_tour)
     use_help_formatter(sub)
