@@ -134,3 +134,21 @@ def test_per_head_results_equal_transformer_lens_head_stack(both):
     theirs = tl_cache.stack_head_results()  # (layers * heads, batch, pos, d_model), from z and W_O
     ours_stacked = torch.cat([cache["result", i].permute(2, 0, 1, 3) for i in range(2)])
     assert diff(ours_stacked, theirs) < TOL
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"apply_ln": True}, {"layer": 1, "mlp_input": True}, {"expand_neurons": False},
+                                    {"layer": 0}, {"layer": 1, "pos_slice": -1}])
+def test_full_resid_decomposition(both, kwargs):
+    _, _, _, (_, cache), (_, tl_cache) = both
+    ours, labels = cache.get_full_resid_decomposition(return_labels=True, **kwargs)
+    theirs, tl_labels = tl_cache.get_full_resid_decomposition(return_labels=True, **kwargs)
+    assert labels == tl_labels and diff(ours, theirs) < TOL
+
+
+def test_stack_neuron_results(both):
+    _, _, _, (_, cache), (_, tl_cache) = both
+    for kwargs in ({"layer": -1}, {"layer": 1, "incl_remainder": True},
+                   {"layer": 2, "neuron_slice": [3, 5], "apply_ln": True}):
+        ours, labels = cache.stack_neuron_results(return_labels=True, **kwargs)
+        theirs, tl_labels = tl_cache.stack_neuron_results(return_labels=True, **kwargs)
+        assert labels == tl_labels and diff(ours, theirs) < TOL, kwargs

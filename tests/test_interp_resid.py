@@ -151,3 +151,25 @@ def test_head_results_sum_to_the_attention_output(run):
     whole = cache.stack_head_results(incl_remainder=True)
     torch.testing.assert_close(whole.sum(0), cache["resid_post", 1], **TOL)
     assert cache.stack_head_results(layer=0).shape == (0, 2, 7, 32)
+
+
+def test_full_decomposition_sums_to_the_stream_down_to_neurons(run):
+    model, _, cache = run
+    for layer, mlp_input, entering in ((None, False, ("resid_post", 1)), (1, True, ("resid_mid", 1)),
+                                       (1, False, ("resid_pre", 1))):
+        for expand in (True, False):
+            parts = cache.get_full_resid_decomposition(layer, mlp_input=mlp_input, expand_neurons=expand)
+            torch.testing.assert_close(parts.sum(0), cache[entering], **TOL)
+    neurons = cache.stack_neuron_results(layer=1)  # (d_ff, batch, pos, d_model): layer 0's neurons
+    torch.testing.assert_close(neurons.sum(0) + (model.blocks[0].mlp.fc_out.bias if model.blocks[0].mlp.fc_out.bias
+                                                 is not None else 0), cache["mlp_out", 0], **TOL)
+    with pytest.raises(InputError, match="mlp_input=True needs a layer below"):
+        cache.get_full_resid_decomposition(mlp_input=True)
+
+
+def test_decompositions_of_an_int8_model_use_its_dequantized_weights():
+    from formerkit.layers.quantized import quantize_int8
+
+    model = quantize_int8(build("gpt2"))
+    _, cache = run_with_cache(model, ids())
+    torch.testing.assert_close(cache.get_full_resid_decomposition().sum(0), cache["resid_post", 1], **TOL)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from formerkit.errors import InputError
-from formerkit.interp import resid
+from formerkit.interp import decompose, resid
 from formerkit.interp.names import STACKS, get_act_name, split_stack
 
 Key = str | tuple
@@ -151,6 +151,25 @@ class ActivationCache(Mapping[str, torch.Tensor]):
                            apply_ln: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
         """Return every head's write before ``layer``: (layer * heads, batch, pos, d_model), labels "L0H0", ...."""
         return resid.stack_head_results(self, layer, return_labels, incl_remainder, pos_slice, apply_ln)
+
+    def stack_neuron_results(self, layer: int | None = -1, pos_slice: resid.SliceInput = None,
+                             neuron_slice: resid.SliceInput = None, return_labels: bool = False,
+                             incl_remainder: bool = False, apply_ln: bool = False,
+                             mlp_input: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
+        """Return every neuron's write before ``layer``: (layer * neurons, batch, pos, d_model), labels "L0N0", ...."""
+        return decompose.stack_neuron_results(self, layer, pos_slice, neuron_slice, return_labels, incl_remainder,
+                                              apply_ln, mlp_input)
+
+    def get_full_resid_decomposition(self, layer: int | None = None, mlp_input: bool = False,
+                                     expand_neurons: bool = True, apply_ln: bool = False,
+                                     pos_slice: resid.SliceInput = None,
+                                     return_labels: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[str]]:
+        """Return every head, neuron, embedding and the biases entering ``layer``: (components, batch, pos, d_model).
+
+        See ``decompose.get_full_resid_decomposition``.
+        """
+        return decompose.get_full_resid_decomposition(self, layer, mlp_input, expand_neurons, apply_ln, pos_slice,
+                                                      return_labels)
 
     def apply_ln_to_stack(self, residual_stack: torch.Tensor, layer: int | None = None, mlp_input: bool = False,
                           pos_slice: resid.SliceInput = None, batch_slice: resid.SliceInput = None,

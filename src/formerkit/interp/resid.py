@@ -138,6 +138,12 @@ def decompose_resid(cache: ActivationCache, layer: int | None = None, mlp_input:
     return (out, labels) if return_labels else out
 
 
+def dense_weight(linear: nn.Module) -> torch.Tensor:
+    """The (out, in) float weight of a projection: its ``weight``, or its dequantized int8/int4 weight."""
+    dequantize = getattr(linear, "dequantize", None)
+    return dequantize() if callable(dequantize) else linear.weight
+
+
 def head_results(cache: ActivationCache, layer: int) -> torch.Tensor:
     """Return each head's write to the stream in ``layer``: (batch, pos, heads, d_model).
 
@@ -146,7 +152,7 @@ def head_results(cache: ActivationCache, layer: int) -> torch.Tensor:
     """
     attn = _model(cache).blocks[layer].attn
     z = cache[f"blocks.{layer}.attn.hook_z"]  # ([batch,] pos, heads, d_head)
-    w_o = attn.out.weight.view(-1, attn.n_heads, attn.d_head)  # (d_model, heads, d_head)
+    w_o = dense_weight(attn.out).view(-1, attn.n_heads, attn.d_head)  # (d_model, heads, d_head)
     return torch.einsum("...hd,mhd->...hm", z, w_o.to(z.dtype))
 
 
