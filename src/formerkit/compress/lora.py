@@ -85,7 +85,8 @@ class LoraAdapter(nn.Module):
         return self.alpha / self.r
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's output for x (..., in): (..., stop - start)."""
+        """The adapter's output for x (..., in): (..., stop - start), in the adapter's dtype."""
+        x = x.to(self.lora_A.weight.dtype)
         return (x @ self.lora_A.weight.t() @ self.lora_B.weight.t()) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
