@@ -170,7 +170,7 @@ def test_adapter_round_trips_through_formerkit(base_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("base", ["gpt2", "llama"])
-def test_merge_then_unmerge(base_dirs, base):
+def test_merge_then_unmerge(base_dirs, tmp_path, base):
     model = add_lora(fk.from_pretrained(base_dirs[base]), r=4, alpha=8, target_modules=["q", "v", "fc_in"])
     _randomize(lora_parameters(model))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -183,9 +183,13 @@ def test_merge_then_unmerge(base_dirs, base):
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=1e-6)
     assert parity_error(_fk_out(model, ids), unmerged) < TOL
+    with pytest.raises(InputError, match="carries LoRA adapters"):
+        fk.save_pretrained(model, tmp_path, format="hf")
     plain = unload_lora(model)
     assert not any(isinstance(m, LoraLinear) for m in plain.modules())
     assert parity_error(_fk_out(plain, ids), unmerged) < TOL
+    fk.save_pretrained(plain, tmp_path / "merged", format="hf")
+    assert parity_error(_fk_out(fk.from_pretrained(tmp_path / "merged"), ids), unmerged) < TOL
 
 
 def test_only_lora_parameters_train(base_dirs):
