@@ -304,6 +304,13 @@ def test_encoder_decoder_cross_attention_both_ways(tmp_path):
     assert parity_error(logits(fk.from_pretrained(tmp_path / "base")), logits(theirs, hf=True)) > 100 * TOL
 
 
+def test_vit_adapters_are_refused_in_peft_format(tmp_path):
+    cfg = fk.ModelConfig.from_preset("vit-digits", n_layers=1, d_model=32, n_heads=4, d_ff=48, num_labels=3)
+    model = add_lora(fk.Transformer(cfg), r=2, alpha=4, target_modules="all-linear")
+    with pytest.raises(InputError, match="transformers renames their modules on load"):
+        save_adapter(model, tmp_path)
+
+
 def _plain_copy(model, cfg):
     """A plain model holding ``model``'s base weights."""
     plain = fk.Transformer(cfg)

@@ -67,6 +67,10 @@ def _family(model: nn.Module):
 def hf_parts(model: nn.Module) -> dict[str, HFPart]:
     """Every block linear layer of ``model`` as Hugging Face modules: HF module path -> HFPart."""
     family = _family(model)
+    if family.images:
+        raise InputError(f"LoRA adapters of {family.model_type} models are not written or read in peft's format: "
+                         "transformers renames their modules on load, so the checkpoint's names are not the "
+                         "module names peft uses")
     cfg = model.config
     prefix = family.base_prefix if cfg.head != "none" else ""
     out: dict[str, HFPart] = {}
