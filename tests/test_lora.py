@@ -249,10 +249,13 @@ def test_int8_base_runs_but_refuses_to_merge(base_dirs):
 def test_bad_targets_are_refused(base_dirs):
     with pytest.raises(InputError, match="unknown LoRA target"):
         add_lora(fk.from_pretrained(base_dirs["gpt2"]), target_modules=["query"])
-    with pytest.raises(InputError, match="matches no layer"):
+    with pytest.raises(InputError, match="match no layer"):
         add_lora(fk.from_pretrained(base_dirs["gpt2"]), target_modules=["fc_gate"])
+    model = fk.from_pretrained(base_dirs["gpt2"])
     with pytest.raises(InputError, match="both act on the rows"):
-        add_lora(fk.from_pretrained(base_dirs["gpt2"]), target_modules=["qkv", "q"])
+        add_lora(model, target_modules=["qkv", "q"])
+    assert all(p.requires_grad for p in model.parameters())  # a refused call leaves the model as it was
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
 
 
 def test_config_built_model_saves_under_its_family_names(tmp_path):

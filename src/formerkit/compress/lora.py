@@ -247,27 +247,26 @@ def add_lora(
     if unknown:
         raise InputError(f"unknown LoRA target(s) {', '.join(map(repr, unknown))}; choose from "
                          f"{', '.join(TARGETS)} or {ALL_LINEAR!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise InputError(f"LoRA dropout must be in [0, 1), got {dropout}")
-    blocks = blocks_of(model)
+    if not 0.0 <= dropout < 1.0 or r < 1:
+        raise InputError(f"LoRA needs a rank r >= 1 and a dropout in [0, 1), got r={r}, dropout={dropout}")
+    blocks = [block for _, block in blocks_of(model)]
     if not blocks:
         raise InputError("add_lora found no Transformer blocks in this model")
+    _check_overlaps(list(target_modules))
+    present = {t: [b for b in blocks if not _absent(b, TARGETS[t][0])] for t in target_modules}
+    lacking = [t for t, found in present.items() if not found]
+    if lacking and not every:
+        raise InputError(f"LoRA target(s) {', '.join(map(repr, lacking))} match no layer of this model (it has no "
+                         f"{', '.join(TARGETS[t][0] for t in lacking)})")
     for p in model.parameters():
         p.requires_grad_(False)
-    _check_overlaps(list(target_modules))
-    for target in target_modules:
+    for target, found in present.items():
         layer, part = TARGETS[target]
-        found = 0
-        for _, block in blocks:
-            if _absent(block, layer):
-                continue
+        for block in found:
             lora = wrap(block, layer, dropout)
             attn = block.get_submodule(layer.rpartition(".")[0]) if part is not None else None
             start, stop = part_rows(attn, part, lora.out_features)
             lora.add(target.removeprefix("cross_") if part is not None else "all", start, stop, r, alpha)
-            found += 1
-        if not found and not every:
-            raise InputError(f"LoRA target {target!r} matches no layer of this model (it has no {layer})")
     return model
 
 
