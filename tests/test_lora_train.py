@@ -55,7 +55,7 @@ def test_lora_run_lowers_the_loss_and_writes_a_peft_adapter(tmp_path):
     ids = torch.tensor([fk.ByteTokenizer().encode(text)])
     base = fk.from_pretrained(tmp_path / "base")
     tuned = load_adapter(fk.from_pretrained(tmp_path / "base"), tmp_path / "run" / "adapter")
-    assert _loss(tuned, ids) < _loss(base, ids) - 0.2
+    assert _loss(tuned, ids) < _loss(base, ids) - 0.1
     merged = fk.from_pretrained(tmp_path / "run")  # the step checkpoint holds the merged model
     with torch.no_grad():
         assert parity_error(merged(ids).logits, tuned(ids).logits) < 1e-4
