@@ -92,6 +92,9 @@ def save_pretrained(model: Transformer, path: str | Path, format: Literal["nativ
         raise InputError("this model holds int8 weights: write it with formerkit.save_quantized")
     tied = tied_names(model)
     state = {k: v for k, v in model.state_dict().items() if k not in tied}
+    if any(".adapters." in k for k in state):  # formerkit.compress's LoRA layers (core code does not import it)
+        raise InputError("this model carries LoRA adapters: write them with formerkit.compress.save_adapter, or merge "
+                         "them into the weights with formerkit.compress.unload_lora(model) and save that")
     if format == "native":
         write_safetensors(directory / "model.safetensors", state, {"format": "formerkit"})
         write_json(directory / NATIVE_CONFIG, model.config.to_dict())

@@ -129,11 +129,22 @@ class LogSection:
     sample_tokens: int = _opt(160, "new tokens per sample")
 
 
+@dataclass
+class LoraSection:
+    """LoRA fine-tuning: low-rank adapters trained on a frozen model.init_from"""
+
+    r: int = _opt(0, "adapter rank; 0: no LoRA, every weight trains")
+    alpha: float = _opt(16.0, "adapter scale: each layer adds alpha / r * B A x")
+    dropout: float = _opt(0.0, "dropout on the adapters' input while training")
+    target: str = _opt("q,v", "layers of each block, comma-separated: q, k, v, qkv, out, fc_in, fc_gate, fc_out, "
+                              "cross_q, cross_k, cross_v, cross_kv, cross_out; or all-linear")
+
+
 _DEFAULT_MODEL = {"preset": "gpt2", "n_layers": 6, "d_model": 320, "n_heads": 5, "d_ff": 1280,
                   "max_seq_len": 256, "attn_dropout": 0.0, "resid_dropout": 0.0, "embed_dropout": 0.0}
 
 SECTIONS = {"data": DataSection, "train": TrainSection, "optim": OptimSection, "eval": EvalSection,
-            "checkpoint": CheckpointSection, "log": LogSection}
+            "checkpoint": CheckpointSection, "log": LogSection, "lora": LoraSection}
 
 
 @dataclass
@@ -147,6 +158,7 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -359,6 +371,18 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     if o.schedule == "inverse_sqrt" and o.warmup_steps < 1:
         raise ConfigError("optim.schedule=inverse_sqrt needs optim.warmup_steps >= 1 (the peak comes at its end)")
+    _validate_lora(cfg)
+
+
+def _validate_lora(cfg: TrainConfig) -> None:
+    lora = cfg.lora
+    if lora.r < 0 or not 0 <= lora.dropout < 1 or lora.alpha <= 0:
+        raise ConfigError(f"lora.r must be >= 0, lora.alpha > 0 and lora.dropout in [0, 1); got r={lora.r}, "
+                          f"alpha={lora.alpha}, dropout={lora.dropout}")
+    if lora.r and not cfg.model.get("init_from"):
+        raise ConfigError("lora.r > 0 trains adapters on pretrained weights: name them with --model.init_from PATH")
+    if lora.r and cfg.train.fsdp:
+        raise ConfigError("lora.r > 0 with train.fsdp is not supported: train the adapters without --train.fsdp")
 
 
 def _check_types(cfg: TrainConfig) -> None:

@@ -26,6 +26,8 @@ from formerkit.train.distributed import DistInfo, barrier, mean_across, setup, t
 from formerkit.train.guard import RunLock, StopSignals
 from formerkit.train.init_from import init_weights
 from formerkit.train.logging import RunLogger
+from formerkit.train.lora import STATE_KEY as LORA_STATE
+from formerkit.train.lora import attach_lora, lora_state, merged_copy, save_run_adapter
 from formerkit.train.objectives import split_micro
 from formerkit.train.optim import Schedule, build_optimizer, resume_schedule
 from formerkit.train.report import report_causal
@@ -95,7 +97,7 @@ def _check_resume(cfg: TrainConfig, run_dir: Path) -> Resumed | None:
     if resumed is None:
         return None
     saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    for section in ("model", "data"):
+    for section in ("model", "data", "lora"):
         if saved.get(section) not in (None, cfg.to_dict()[section]):
             raise TrainingError(f"{run_dir} was trained with different {section} options ({saved[section]}); "
                                 "resume with the same options or choose another --checkpoint.run_dir")
@@ -140,11 +142,16 @@ def _run(cfg: TrainConfig, info: DistInfo) -> TrainResult:
     objective, model_cfg, data_line = build_objective(cfg, tokenizer, source, info)
     model = Transformer(model_cfg).to(info.device)
     start, schedule = 0, Schedule(0, cfg.train.steps)
+    lora = cfg.lora.r > 0
     if resumed is not None:
-        load_weights_into(model, resumed.weights, resumed.path)
+        if not lora:  # a LoRA run rebuilds its frozen weights from init_from and its adapters from the state
+            load_weights_into(model, resumed.weights, resumed.path)
         start = resumed.step
         schedule = resume_schedule(resumed.state, cfg, run_dir)
-    initialised = init_weights(model, cfg.model["init_from"]) if cfg.model.get("init_from") and not resumed else None
+    initialised = init_weights(model, cfg.model["init_from"]) \
+        if cfg.model.get("init_from") and (not resumed or lora) else None
+    lora_line = attach_lora(model, cfg, initialised, resumed.state.get(LORA_STATE) if resumed else None) \
+        if lora else None
     choices = make_choices(cfg, model, info, resumed.state.get("choices", {}) if resumed else {})
     use_attention(model, choices.attention.chosen)
     parallel.shard(model, cfg, info)
@@ -169,6 +176,8 @@ def _run(cfg: TrainConfig, info: DistInfo) -> TrainResult:
                        f"tokens to go{schedule.describe(cfg.optim)}; run directory {run_dir}")
         if initialised is not None:
             logger.message(initialised.describe())
+        if lora_line is not None:
+            logger.message(lora_line)
     result = TrainResult(run_dir=run_dir, step=start, checkpoint=resumed.path if resumed else None, train_loss=None,
                          precision=choices.precision.precision)
     run = _Run(cfg, info, model, parallel.wrap(model, cfg, info), optimizer, objective, tokenizer,
@@ -303,9 +312,14 @@ def _save(run: _Run, step: int) -> None:
     if run.scaler is not None:
         state["scaler"] = run.scaler.state_dict()
     weights_model = parallel.full_model(run.model, run.info, run.cfg)
+    if run.cfg.lora.r > 0:
+        state[LORA_STATE] = lora_state(run.model)
+        weights_model = merged_copy(run.model)
     if run.info.is_main:
         run.result.checkpoint = save_checkpoint(run.result.run_dir, step, weights_model, run.tokenizer, state,
                                                 run.cfg.checkpoint.keep)
+        if run.cfg.lora.r > 0:
+            save_run_adapter(run.model, run.cfg)
     barrier(run.info)
 
 
