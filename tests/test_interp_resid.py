@@ -173,3 +173,16 @@ def test_decompositions_of_an_int8_model_use_its_dequantized_weights():
     model = quantize_int8(build("gpt2"))
     _, cache = run_with_cache(model, ids())
     torch.testing.assert_close(cache.get_full_resid_decomposition().sum(0), cache["resid_post", 1], **TOL)
+
+
+def test_decompositions_see_lora_adapters():
+    from formerkit.compress import add_lora
+
+    model = add_lora(build("llama"), r=2, target_modules=["out", "fc_out"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    _, cache = run_with_cache(model, ids())
+    torch.testing.assert_close(cache.get_full_resid_decomposition().sum(0), cache["resid_post", 1], **TOL)
+    torch.testing.assert_close(cache.stack_head_results(layer=1).sum(0), cache["attn_out", 0], **TOL)

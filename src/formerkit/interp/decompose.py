@@ -20,6 +20,7 @@ from formerkit.interp.resid import (
     apply_slice,
     decompose_resid,
     dense_weight,
+    output_bias,
     stack_head_results,
 )
 
@@ -77,10 +78,10 @@ def accumulated_bias(model: nn.Module, layer: int, mlp_input: bool = False,
     total = torch.zeros(first.out_features, dtype=torch.float32, device=next(model.parameters()).device)
     for i in range(layer + (1 if mlp_input else 0)):
         block = model.blocks[i]
-        if block.attn.out.bias is not None:
-            total = total + block.attn.out.bias.float()
-        if include_mlp_biases and i < layer and block.mlp.fc_out.bias is not None:
-            total = total + block.mlp.fc_out.bias.float()
+        parts = [block.attn.out] + ([block.mlp.fc_out] if include_mlp_biases and i < layer else [])
+        for bias in map(output_bias, parts):
+            if bias is not None:
+                total = total + bias.float()
     return total.detach()
 
 

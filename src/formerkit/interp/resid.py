@@ -139,9 +139,26 @@ def decompose_resid(cache: ActivationCache, layer: int | None = None, mlp_input:
 
 
 def dense_weight(linear: nn.Module) -> torch.Tensor:
-    """The (out, in) float weight of a projection: its ``weight``, or its dequantized int8/int4 weight."""
-    dequantize = getattr(linear, "dequantize", None)
-    return dequantize() if callable(dequantize) else linear.weight
+    """The (out, in) weight a projection applies: an ``nn.Linear``'s own, else read off the module itself.
+
+    Any other linear module (int8 or int4 weights, LoRA adapters) is probed with the identity:
+    ``linear(I) - linear(0)`` holds its columns, so what is returned is what it computes.
+    """
+    if isinstance(linear, nn.Linear):
+        return linear.weight
+    probe = next(linear.parameters(), None)
+    probe = probe if probe is not None else next(linear.buffers())
+    eye = torch.eye(linear.in_features, device=probe.device)
+    with torch.no_grad():
+        return (linear(eye) - linear(torch.zeros_like(eye[:1]))).float().T  # (out, in)
+
+
+def output_bias(linear: nn.Module) -> torch.Tensor | None:
+    """The bias (out,) a projection adds: an ``nn.Linear``'s own (None without one), else ``linear(0)``."""
+    if isinstance(linear, nn.Linear):
+        return linear.bias
+    with torch.no_grad():
+        return linear(torch.zeros(1, linear.in_features, device=dense_weight(linear).device))[0].float()
 
 
 def head_results(cache: ActivationCache, layer: int) -> torch.Tensor:
