@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 
@@ -262,3 +263,33 @@ def test_embeddings_with_the_openai_client_match_fk_embed():
     assert torch.allclose(got, expected, atol=1e-6)
     assert torch.allclose(torch.tensor(floats.data[0].embedding), expected[0], atol=1e-6)
     assert result.usage.prompt_tokens > 0
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(checkpoint):
+    import httpx
+
+    app = build_app(checkpoint)
+    slow = app.state.engine.model.register_forward_hook(lambda *_: time.sleep(0.02))  # ~20 ms per token
+    try:
+        with _Server(app) as url:
+            body = {"prompt": "a", "max_tokens": 80, "temperature": 0, "stream": True}
+            with httpx.stream("POST", f"{url}/completions", json=body, timeout=10) as r:
+                first = next(r.iter_lines())
+            assert first.startswith("data: ")
+            deadline = time.monotonic() + 10
+            while 'finish_reason="cancelled"} 1' not in httpx.get(f"{url[:-3]}/metrics").text:
+                assert time.monotonic() < deadline, "the row was not cancelled"
+                time.sleep(0.05)
+            engine = app.state.engine
+            assert engine.rows == [None] * engine.max_batch
+            assert len(engine.metrics.requests) == 1  # nothing finished for another reason
+    finally:
+        slow.remove()
+
+
+def test_serve_without_fastapi_says_how_to_install_it(monkeypatch, capsys, checkpoint):
+    from formerkit.cli import main
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi now raises ImportError
+    assert main(["serve", "--checkpoint", str(checkpoint)]) == 2
+    assert "pip install 'formerkit[serve]'" in capsys.readouterr().err

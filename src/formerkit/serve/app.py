@@ -175,7 +175,7 @@ def create_app(engine: Engine | None, tokenizer: Tokenizer, *, model_name: str,
         submit_all(batch, prompts, body, body.logprobs)
         response_id, n = new_id("cmpl"), body.n
         if body.stream:
-            return stream_response(completion_chunks(batch, body, prompts, texts, response_id))
+            return stream_response(batch, completion_chunks(batch, body, prompts, texts, response_id))
         await finish(batch, request)
         choices = []
         for choice in batch.choices:
@@ -219,8 +219,17 @@ def create_app(engine: Engine | None, tokenizer: Tokenizer, *, model_name: str,
             return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
         return {}
 
-    def stream_response(chunks: AsyncIterator[str]) -> StreamingResponse:
-        return StreamingResponse(chunks, media_type="text/event-stream",
+    def stream_response(batch: Batch, chunks: AsyncIterator[str]) -> StreamingResponse:
+        """Stream ``chunks`` as server-sent events; a client that disconnects cancels the batch's rows."""
+
+        async def cancelling() -> AsyncIterator[str]:
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                batch.cancel()
+
+        return StreamingResponse(cancelling(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
@@ -241,7 +250,7 @@ def create_app(engine: Engine | None, tokenizer: Tokenizer, *, model_name: str,
         submit_all(batch, prompts, body, logprobs)
         response_id = new_id("chatcmpl")
         if body.stream:
-            return stream_response(chat_chunks(batch, body, prompts, response_id))
+            return stream_response(batch, chat_chunks(batch, body, prompts, response_id))
         await finish(batch, request)
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.request.text},
                     "logprobs": chat_logprobs(tokenizer, c.logprobs) if body.logprobs else None,
