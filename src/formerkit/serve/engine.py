@@ -37,7 +37,7 @@ from formerkit.generate.text import _CONTEXT, _RowText
 from formerkit.layers.linear import tune_linears
 from formerkit.serve.metrics import Metrics
 from formerkit.serve.sampling import RowSampler, SamplingParams, TokenLogprobs
-from formerkit.serve.slots import insert_row, shift_window
+from formerkit.serve.slots import insert_row, leading_rows, shift_window
 from formerkit.tokenizers import Tokenizer
 
 COMPACT_MIN = 64  # dead slots before the rows' tokens worth a shift (attention reads them every step)
@@ -124,6 +124,7 @@ class Engine:
                                    tokenizer_pad=tokenizer.pad_id if tokenizer else None)
         self.cache = KVCache.for_model(model, max_batch, 2 * self.max_model_len)
         self.rows: list[Request | None] = [None] * max_batch
+        self._views: dict[int, KVCache] = {}  # rows in use -> a cache over the leading rows (``slots.leading_rows``)
         self.metrics = Metrics(max_batch)
         self._waiting: deque[Request] = deque()
         self._cond = threading.Condition()
@@ -287,15 +288,21 @@ class Engine:
         if self.cache.length == self.cache.max_len or self.cache.length - longest >= max(COMPACT_MIN,
                                                                                          self.cache.length // 2):
             shift_window(self.cache, longest)
-        tokens = torch.tensor([r.tokens[-1] if r else self.special.pad for r in self.rows], device=self.device)
-        positions = torch.tensor([r.cached if r else 0 for r in self.rows], device=self.device)  # (B,)
+        used = max(r.row for r in live) + 1  # rows [0, used) hold every running request
+        view = self._views.get(used) or self._views.setdefault(used, leading_rows(self.cache, used))
+        view.length = self.cache.length
+        tokens = torch.tensor([r.tokens[-1] if r else self.special.pad for r in self.rows[:used]],
+                              device=self.device)  # (used,)
+        positions = torch.tensor([r.cached if r else 0 for r in self.rows[:used]], device=self.device)  # (used,)
         try:
             with inference(self.model):
-                logits = decode_step(self.model, tokens, positions, self.cache)  # (B, V)
+                logits = decode_step(self.model, tokens, positions, view)  # (used, V)
         except Exception as err:  # the batch failed: fail its requests, keep serving the next ones
             for request in live:
                 self._finish(request, "error", err)
             return
+        finally:
+            self.cache.length = view.length  # the cursor tensor moved with the view; its host copy follows
         with self.metrics.lock:
             self.metrics.steps += 1
         for request in live:

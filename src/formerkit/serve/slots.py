@@ -58,3 +58,20 @@ def shift_window(cache: KVCache, keep: int) -> None:
         cache.key_mask[:, :keep - end] = False
     cache.truncate(min(end, keep))
     cache.advance(keep - cache.length)
+
+
+def leading_rows(cache: KVCache, rows: int) -> KVCache:
+    """A cache over the first ``rows`` rows of ``cache``: its buffers are views, its write cursor the same tensor.
+
+    Decoding through it writes into ``cache`` itself, so the engine can run a step over only the
+    rows in use. Its host-side ``length`` is a copy: set it from ``cache`` before a pass and back after.
+    """
+    view = KVCache(len(cache.layers), rows, 1, 1, 1, cross=False, dtype=cache.layers[0].k.dtype,
+                   device=cache.cursor.device, window_step=cache.window_step)
+    view.max_len = cache.max_len
+    for mine, theirs in zip(view.layers, cache.layers, strict=True):
+        mine.k, mine.v = theirs.k[:rows], theirs.v[:rows]  # (rows, KV, L, D) views
+    view.positions, view.key_mask = cache.positions[:rows], cache.key_mask[:rows]  # (rows, L) views
+    view.cursor, view._offsets = cache.cursor, cache._offsets
+    view.padded = True
+    return view
