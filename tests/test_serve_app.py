@@ -283,6 +283,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(checkpoint):
             engine = app.state.engine
             assert engine.rows == [None] * engine.max_batch
             assert len(engine.metrics.requests) == 1  # nothing finished for another reason
+            # a non-streaming request that takes longer than the server's disconnect poll still completes
+            r = httpx.post(f"{url}/completions", json={**body, "stream": False, "max_tokens": 70}, timeout=30)
+            assert r.json()["usage"]["completion_tokens"] == 70 and r.json()["choices"][0]["finish_reason"] == "length"
     finally:
         slow.remove()
 

@@ -32,6 +32,7 @@ from formerkit.serve.schemas import ChatCompletionRequest, CompletionRequest, Em
 from formerkit.tokenizers import Tokenizer
 
 DEFAULT_MAX_TOKENS = 16  # as the OpenAI completions API
+DISCONNECT_POLL = 1.0  # seconds between checks that a non-streaming client is still connected
 
 
 class APIError(Exception):
@@ -115,13 +116,10 @@ def create_app(engine: Engine | None, tokenizer: Tokenizer, *, model_name: str,
 
     async def finish(batch: Batch, request: Request) -> None:
         """Wait until every choice has finished; cancel them if the client leaves; raise for failed ones."""
-        events = batch.events()
         try:
-            while True:
+            while batch.pending:
                 try:
-                    await asyncio.wait_for(anext(events), timeout=1.0)
-                except StopAsyncIteration:
-                    break
+                    await asyncio.wait_for(batch.next_event(), timeout=DISCONNECT_POLL)
                 except TimeoutError:
                     if await request.is_disconnected():
                         batch.cancel()

@@ -37,6 +37,7 @@ class Batch:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[Choice, Output]] = asyncio.Queue()
         self.choices: list[Choice] = []
+        self._pending = 0
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Choice:
         """Queue one choice in the engine (raises the engine's InputError / QueueFullError)."""
@@ -47,6 +48,7 @@ class Batch:
 
         choice.request = self.engine.submit(prompt, params, on_output=deliver, timeout=self.timeout)
         self.choices.append(choice)
+        self._pending += 1
         return choice
 
     def cancel(self) -> None:
@@ -55,16 +57,24 @@ class Batch:
             if not choice.request.finished:
                 self.engine.cancel(choice.request)
 
+    @property
+    def pending(self) -> int:
+        """Choices whose final event has not been received yet."""
+        return self._pending
+
+    async def next_event(self) -> tuple[Choice, Output]:
+        """The next (choice, output) from the engine (safe to cancel while it waits)."""
+        choice, output = await self.queue.get()
+        if output.logprobs is not None:
+            choice.logprobs.append((output.token, output.logprobs))
+        if output.finish_reason is not None:
+            self._pending -= 1
+        return choice, output
+
     async def events(self):
         """Yield (choice, output) as the engine produces them, until every choice has finished."""
-        pending = len(self.choices)
-        while pending:
-            choice, output = await self.queue.get()
-            if output.logprobs is not None:
-                choice.logprobs.append((output.token, output.logprobs))
-            if output.finish_reason is not None:
-                pending -= 1
-            yield choice, output
+        while self._pending:
+            yield await self.next_event()
 
 
 def new_id(prefix: str) -> str:
