@@ -10,6 +10,7 @@ import argparse
 import importlib
 from pathlib import Path
 
+from formerkit.cliargs import non_negative_int, positive_int
 from formerkit.errors import FormerkitError, InputError
 
 
@@ -68,14 +69,17 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     """Register the ``serve`` subcommand on the ``formerkit`` parser's subparsers."""
     p = subparsers.add_parser("serve", help="serve a checkpoint over the OpenAI API (continuous batching)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (native or HF) or training run directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (batch rows; default 8)")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="requests that may wait for a row; beyond it the server answers 429 (default 64)")
-    p.add_argument("--max-model-len", type=int, default=None,
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=non_negative_int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--max-batch", type=positive_int, default=8,
+                   help="requests decoded together: rows of the KV cache (default: 8)")
+    p.add_argument("--max-queue", type=non_negative_int, default=64,
+                   help="requests that may wait for a row; beyond it the server answers 429 (default: 64)")
+    p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="longest prompt + max_tokens (default: the model's max_seq_len)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queue included")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: no key needed)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a request may take, waiting included (default: 600.0)")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
     p.set_defaults(func=cmd_serve)
