@@ -5,15 +5,17 @@ Every ``step`` the scheduler
 2. admits waiting requests into free rows: each prompt is prefilled ALONE (a one-row cache,
    exactly as ``fk.generate`` prefills it), copied into its row (``slots.insert_row``), and
    its first token chosen from the prefill's logits;
-3. decodes every running row in one forward pass (``Transformer.decode`` over the whole
-   batch: rows hold different numbers of tokens, laid out like a left-padded batch), and
-   chooses each row's token with that request's own options and generator (``RowSampler``);
+3. decodes every running row in one forward pass (``Transformer.decode`` over the leading rows
+   that hold them, ``slots.leading_rows``: rows hold different numbers of tokens, laid out
+   like a left-padded batch), and chooses each row's token with that request's own options
+   and generator (``RowSampler``);
 4. retires a row as soon as it emits an EOS id, a stop sequence or stop string, or its
    ``max_tokens``-th token.
 
-So a request's tokens never depend on the other requests in the batch: greedy output is the
-output of ``fk.generate`` on that prompt alone, and a seeded request draws the tokens
-``fk.generate(..., seed=...)`` draws. The engine runs in the caller's thread (``step``,
+Other rows' slots are masked and every row has its own positions, so a request's tokens do not
+depend on the other requests in the batch (only the float rounding of batched matrix products
+can differ): greedy output is the output of ``fk.generate`` on that prompt alone, and a
+seeded request draws the tokens ``fk.generate(..., seed=...)`` draws. The engine runs in the caller's thread (``step``,
 ``run_until_idle``) or in its own (``start``); results arrive through each request's
 ``on_output`` callback and its ``wait``.
 """
