@@ -13,9 +13,11 @@ latency (p50, p99), requests/s and output tokens/s, and checks that every respon
 well-formed and complete. The same run times the baselines on the same prompts, one request
 after another: ``fk.generate`` and transformers' ``generate``. Before timing, the server's
 greedy text for the first prompt is checked against ``fk.generate`` on that prompt alone.
+``--soak S`` adds S seconds of 48 callers against 16 rows and 16 queue places: every refusal
+must be a well-formed 429 and every accepted stream complete (malformed responses are counted).
 
     python benchmarks/serve_load.py [--model llama] [--levels 1,4,16] [--requests 4,12,32]
-        [--new-tokens 64] [--rate 50] [--threads N]
+        [--new-tokens 64] [--rate 50] [--threads N] [--soak SECONDS]
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ async def one_request(client: httpx.AsyncClient, prompt: list[int], new_tokens: 
     stamps, usage, ok = [], None, True
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
-            return {"ok": False, "status": r.status_code}
+            error = json.loads(await r.aread()).get("error", {})
+            return {"ok": False, "status": r.status_code,
+                    "error_ok": set(error) == {"message", "type", "param", "code"}}
         done = False
         async for line in r.aiter_lines():
             if not line:
@@ -78,7 +82,9 @@ async def one_request(client: httpx.AsyncClient, prompt: list[int], new_tokens: 
                 done = True
                 continue
             chunk = json.loads(payload)
-            if chunk.get("usage"):
+            if "error" in chunk:
+                ok = False
+            elif chunk.get("usage"):
                 usage = chunk["usage"]
             elif chunk["choices"] and chunk["choices"][0]["finish_reason"] is None:
                 stamps.append(time.perf_counter())
@@ -113,6 +119,32 @@ async def load(url: str, prompts: list[list[int]], concurrency: int, rate: float
             "tok_s": sum(r["tokens"] for r in good) / elapsed}
 
 
+async def soak(url: str, prompts: list[list[int]], seconds: float, clients: int, new_tokens: int) -> dict:
+    """``clients`` callers streaming completions back to back for ``seconds``; count outcomes.
+
+    With more callers than batch rows + queue places, some are refused: a refusal must be a
+    well-formed 429 OpenAI error, and every accepted request a complete, well-formed stream.
+    """
+    counts = {"ok": 0, "refused": 0, "malformed": 0}
+    deadline = time.perf_counter() + seconds
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
+
+        async def caller(i: int) -> None:
+            while time.perf_counter() < deadline:
+                result = await one_request(client, prompts[i % len(prompts)], new_tokens)
+                if result["ok"]:
+                    counts["ok"] += 1
+                elif result.get("status") == 429 and result.get("error_ok"):
+                    counts["refused"] += 1
+                    await asyncio.sleep(0.05)
+                else:
+                    counts["malformed"] += 1
+                i += clients
+
+        await asyncio.gather(*(caller(i) for i in range(clients)))
+    return counts
+
+
 def sequential(generate_one, prompts: list[list[int]]) -> float:
     """Output tokens/s of generating ``prompts`` one after another with ``generate_one(prompt) -> new tokens``.
 
@@ -131,12 +163,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(directory: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(directory: Path, max_batch: int, threads: int, max_queue: int = 256) -> tuple[subprocess.Popen, str]:
     """Start ``formerkit serve`` on a free port in a child process; return it and its base URL once it answers."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen([sys.executable, "-m", "formerkit.cli", "serve", "--checkpoint", str(directory),
-                             "--port", str(port), "--max-batch", str(max_batch), "--max-queue", "256"],
+                             "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(max_queue)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -161,6 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rate", type=float, default=50.0, help="Poisson arrival rate (requests/s)")
     parser.add_argument("--baseline-requests", type=int, default=4, help="requests timed for each baseline")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--soak", type=float, default=0.0,
+                        help="also run a soak of this many seconds at the queue limit (max-batch 16, max-queue 16, "
+                             "48 callers)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.levels.split(",")]
@@ -191,6 +226,14 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             proc.terminate()
             proc.wait(30)
+        if args.soak:
+            proc, url = start_server(directory, 16, args.threads, max_queue=16)
+            try:
+                results["soak"] = asyncio.run(soak(url, prompts, args.soak, 48, n))
+            finally:
+                proc.terminate()
+                proc.wait(30)
+            print(f"soak, {args.soak:.0f} s at the queue limit (16 rows, 16 queued, 48 callers): {results['soak']}")
         base = prompts[:args.baseline_requests]
         with torch.no_grad():
             results["fk_sequential"] = sequential(
