@@ -76,6 +76,14 @@ def create_app(engine: Engine | None, tokenizer: Tokenizer, *, model_name: str,
     async def _api_error(_request: Request, err: APIError) -> JSONResponse:
         return err.response()
 
+    @app.exception_handler(InputError)
+    async def _bad_input(_request: Request, err: InputError) -> JSONResponse:
+        return APIError(400, str(err), "invalid_request_error").response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, err: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {type(err).__name__}: {err}", "server_error").response()
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0]
