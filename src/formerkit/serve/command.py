@@ -1,7 +1,8 @@
 """``formerkit serve``: load a checkpoint and serve it over the OpenAI API with uvicorn.
 
-FastAPI and uvicorn are the optional ``serve`` extra: this module imports them only when the
-command runs, so ``import formerkit`` and the other commands never need them.
+FastAPI, uvicorn and jinja2 (chat templates) are the optional ``serve`` extra: this module
+imports them only when the command runs, so ``import formerkit`` and the other commands never
+need them.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from formerkit.errors import FormerkitError, InputError
 
 
 def require_serving() -> None:
-    """Raise FormerkitError saying how to install FastAPI and uvicorn when either is missing."""
-    for name in ("fastapi", "uvicorn"):
+    """Raise FormerkitError saying how to install the serving extra when FastAPI, uvicorn or jinja2 is missing."""
+    for name in ("fastapi", "uvicorn", "jinja2"):
         try:
             importlib.import_module(name)
         except ImportError as err:
