@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,serve]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -49,7 +49,7 @@ LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CPP_SRC := .cache/llama.cpp
 LLAMA_CMAKE_ARGS ?=  # more llama.cpp build options, e.g. -DGGML_AVX512=OFF
 $(LLAMA_CPP_SRC)/convert_hf_to_gguf.py: $(VENV)/.installed
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e ".[test,bench-llamacpp]"
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF $(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q -e ".[test,serve,bench-llamacpp]"
 	rm -rf .cache/llama-sdist && mkdir -p .cache/llama-sdist $(LLAMA_CPP_SRC)
 	$(PY) -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_CPP_VERSION)" -d .cache/llama-sdist
 	tar xzf .cache/llama-sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_CPP_SRC) --strip-components 3 \

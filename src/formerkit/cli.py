@@ -250,8 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_command(sub)
 
     from formerkit.quantize import add_quantize_command
+    from formerkit.serve.command import add_serve_command
 
     add_quantize_command(sub)
+    add_serve_command(sub)
 
     from formerkit.interp.command import add_inspect_command
 
