@@ -21,10 +21,10 @@ from formerkit.generate.prompts import fit_prompts, heal_prompts
 from formerkit.generate.translate import beam_texts
 from formerkit.tokenizers import Tokenizer
 
-_CONTEXT = 8  # prompt tokens decoded before the continuation, so tokenizers that treat a text's start specially agree
+TEXT_CONTEXT = 8  # prompt tokens decoded before the continuation (tokenizers treat a text's start specially)
 
 
-class _RowText:
+class RowText:
     """One row's continuation as text: tokens in, text cut at a stop string, released in safe pieces."""
 
     def __init__(self, tokenizer: Tokenizer, context: list[int], eos: set[int], stop_strings: list[str]) -> None:
@@ -57,7 +57,7 @@ class _RowText:
         return piece
 
 
-def _pieces(prompt: str, row: _RowText, steps: Iterator) -> Iterator[str]:
+def _pieces(prompt: str, row: RowText, steps: Iterator) -> Iterator[str]:
     """The prompt, then the continuation in pieces as tokens arrive."""
     if prompt:
         yield prompt
@@ -119,7 +119,7 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt_or_prompts: str
         ids, shown, first_allowed = heal_prompts(tokenizer, ids, shown, model.config.vocab_size)
     plan = make_plan(model, ids, None, config, tokenizer_eos=tokenizer.eos_id, tokenizer_pad=tokenizer.pad_id,
                      first_allowed=first_allowed)
-    rows = [_RowText(tokenizer, [] if encoder_decoder else row[-_CONTEXT:], set(plan.eos), list(config.stop_strings))
+    rows = [RowText(tokenizer, [] if encoder_decoder else row[-TEXT_CONTEXT:], set(plan.eos), list(config.stop_strings))
             for row in ids]
 
     def check(tokens: torch.Tensor, live: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from formerkit.cache import KVCache
 from formerkit.errors import InputError
 from formerkit.generate.config import GenerationConfig, special_ids
 from formerkit.generate.steps import decode_step, inference, prefill
-from formerkit.generate.text import _CONTEXT, _RowText
+from formerkit.generate.text import TEXT_CONTEXT, RowText
 from formerkit.layers.linear import tune_linears
 from formerkit.serve.metrics import Metrics
 from formerkit.serve.sampling import RowSampler, SamplingParams, TokenLogprobs
@@ -87,7 +87,7 @@ class Request:
     row: int | None = None
     cached: int = 0  # tokens of this request in its cache row
     last_time: float = 0.0
-    _text: _RowText | None = None
+    _text: RowText | None = None
     _sampler: RowSampler | None = None
     _done: threading.Event = field(default_factory=threading.Event)
 
@@ -154,7 +154,7 @@ class Engine:
                           deadline=time.monotonic() + timeout if timeout is not None else None)
         request._sampler = sampler
         if self.tokenizer is not None:
-            request._text = _RowText(self.tokenizer, ids[-_CONTEXT:], set(self._eos(params)), list(params.stop))
+            request._text = RowText(self.tokenizer, ids[-TEXT_CONTEXT:], set(self._eos(params)), list(params.stop))
         with self._cond:
             if len(self._waiting) >= self.max_queue:
                 with self.metrics.lock:
