@@ -39,6 +39,7 @@ GROUP_SIZES = (32, 64, 128)
 PACK_MAX_ROWS = 128  # above this many bf16 rows, dequantize + a float32 GEMM beats the int4 kernel (measured)
 _PACK_OUT_ALIGN = 16  # the kernel's packing needs out_features % 16 == 0
 _SYMMETRIC_ZERO = 8
+_HAS_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")  # torch builds without it take the fallback
 
 
 def check_group_size(in_features: int, group_size: int) -> None:
@@ -144,9 +145,9 @@ class Int4Linear(nn.Module):
 
     def _use_kernel(self, rows: torch.Tensor) -> bool:
         """Whether rows (N, in) go through the int4 CPU kernel: few bf16 CPU rows, no grad, out % 16 == 0."""
-        return (rows.device.type == "cpu" and rows.dtype == torch.bfloat16 and rows.shape[0] <= PACK_MAX_ROWS
-                and not rows.requires_grad and self.out_features % _PACK_OUT_ALIGN == 0
-                and self.qweight.device.type == "cpu")
+        return (_HAS_KERNEL and rows.device.type == "cpu" and rows.dtype == torch.bfloat16
+                and rows.shape[0] <= PACK_MAX_ROWS and not rows.requires_grad
+                and self.out_features % _PACK_OUT_ALIGN == 0 and self.qweight.device.type == "cpu")
 
     def _kernel_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel's packed weight and scales-and-zeros (G, out, 2) in ``dtype``, made once per weight."""
