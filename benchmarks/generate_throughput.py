@@ -12,12 +12,15 @@ prompt, at batch 1 and batch 8, with no EOS (every row produces every token); to
 counts new tokens of all rows over the whole call (prefill included, as a user sees it).
 ``--prompt-speed N`` also times a prompt of N tokens (and one new token) at batch 1.
 Precisions: fp32 and bf16 weights for both libraries, and formerkit's weight-only int8
-(bf16 activations, ``quantize_int8``). The runs of all variants alternate, ``--repeats``
-rounds, and the best round of each is reported (the least disturbed by other work).
+(bf16 activations, ``quantize_int8``) and int4 (bf16 activations, ``quantize_int4`` in groups
+of ``--group-size``, asymmetric; the float32 model is quantized, then converted to bf16).
+The runs of all variants alternate, ``--repeats`` rounds, and the best round of each is
+reported (the least disturbed by other work).
 
 ``--llamacpp`` (llama-shaped models; needs ``make bench-decode``'s optional reference) adds
 llama.cpp on the same weights, converted by its own converter to f32, bf16 and q8_0 (for
-formerkit's int8) and timed at batch 1 in a child process per round (``llamacpp.py``).
+formerkit's int8) and by its own quantizer to q4_0 (for formerkit's int4), and timed at
+batch 1 in a child process per round (``llamacpp.py``).
 
 The bound: at batch 1 decoding is memory-bound, since every new token reads every weight
 matrix once (the embedding lookup reads one row). The machine's read bandwidth is measured
@@ -29,7 +32,7 @@ matrix once (the embedding lookup reads one row). The machine's read bandwidth i
 first there). Weights that fit in the L3 cache can beat this DRAM bound.
 
     python benchmarks/generate_throughput.py [--models small,base,llama] [--batches 1,8]
-        [--precisions fp32,bf16,int8] [--new-tokens 200] [--prompt-speed 512] [--llamacpp]
+        [--precisions fp32,bf16,int8,int4] [--group-size 64] [--new-tokens 200] [--prompt-speed 512] [--llamacpp]
         [--repeats 3] [--threads N]
 """
 
@@ -53,6 +56,7 @@ import transformers  # noqa: E402
 import formerkit as fk  # noqa: E402
 from formerkit.data import stdlib_source  # noqa: E402
 from formerkit.hardware import describe_machine  # noqa: E402
+from formerkit.layers.int4 import quantize_int4  # noqa: E402
 from formerkit.layers.quantized import quantize_int8  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,7 +69,7 @@ VOCAB = 8192
 SHAPES = {"small": ("gpt2", 6, 384, 6, 6, 1536), "base": ("gpt2", 12, 768, 12, 12, 3072),
           "tiny": ("gpt2", 2, 64, 2, 2, 256), "llama": ("llama", 12, 768, 12, 4, 2048),
           "llama-tiny": ("llama", 2, 64, 4, 2, 128)}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
 TARGETS = {"small": 4.0, "base": 1.5}  # formerkit / transformers tokens/s at batch 1
 INT8_TARGET = 1.6  # formerkit int8 / formerkit fp32 on the base model
 LLAMACPP_TARGETS = {"fp32": 1.0, "bf16": 0.9, "int8": 0.9}  # formerkit / llama.cpp (f32, bf16, q8_0) at batch 1
@@ -93,12 +97,13 @@ def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes one decode step reads from weights: every linear layer's weight (and scale) tensors, once."""
+    """Bytes one decode step reads from weights: every linear layer's weight (and scales, zero points), once."""
     total = 0
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Int8Linear":
-            total += sum(t.numel() * t.element_size() for t in (module.weight, getattr(module, "scale", None))
-                         if t is not None)
+        if isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+        elif type(module).__name__ in ("Int8Linear", "Int4Linear"):
+            total += sum(t.numel() * t.element_size() for t in module.buffers(recurse=False))
     return total
 
 
@@ -134,12 +139,15 @@ def build_pair(name: str, directory: Path) -> tuple[torch.nn.Module, torch.nn.Mo
     return fk.from_pretrained(directory).eval(), theirs
 
 
-def variants(ours: torch.nn.Module, theirs: torch.nn.Module, precisions: list[str]) -> dict:
-    """Models per (precision, library): fp32 and bf16 copies of both, and formerkit's int8 (bf16 activations)."""
+def variants(ours: torch.nn.Module, theirs: torch.nn.Module, precisions: list[str], group_size: int = 64) -> dict:
+    """Models per (precision, library): fp32 and bf16 copies of both, formerkit's int8 and int4 (bf16 activations)."""
     out = {}
     for precision in precisions:
         if precision == "int8":
             out[precision, "formerkit"] = quantize_int8(copy.deepcopy(ours).to(torch.bfloat16))
+            continue
+        if precision == "int4":
+            out[precision, "formerkit"] = quantize_int4(copy.deepcopy(ours), group_size).to(torch.bfloat16)
             continue
         dtype = DTYPES[precision]
         out[precision, "formerkit"] = copy.deepcopy(ours).to(dtype)
@@ -234,7 +242,7 @@ def report(name: str, best: dict[Run, float], prefill: dict[Run, float], bandwid
 
 
 def convert_all(directory: Path, precisions: list[str]) -> dict[str, Path]:
-    """llama.cpp's GGUF files of the checkpoint in ``directory``, one per precision (int8 -> q8_0)."""
+    """llama.cpp's GGUF files of the checkpoint in ``directory``, one per precision (int8 -> q8_0, int4 -> q4_0)."""
     return {p: llamacpp.convert(directory, directory / f"model-{llamacpp.OUTTYPES[p]}.gguf", p) for p in precisions}
 
 
@@ -253,12 +261,16 @@ def print_targets(results: dict, names: list[str], precisions: list[str]) -> Non
                 verdict = "met" if ratio >= target else f"missed ({ratio / target:.0%} of it)"
                 print(f"  {name} {precision} vs llama.cpp {llamacpp.OUTTYPES[precision]}: {ratio:.2f}x, "
                       f"target {target}x: {verdict}")
-        fp32, int8 = (results["best"].get(Run(name, 1, p, "formerkit")) for p in ("fp32", "int8"))
-        if fp32 and int8:
-            gain = int8 / fp32
-            results.setdefault("int8_gain", {})[name] = gain
-            target = f", target {INT8_TARGET}x: {'met' if gain >= INT8_TARGET else 'missed'}" if name == "base" else ""
-            print(f"  {name} int8 / own fp32 at batch 1: {gain:.2f}x{target}")
+        fp32 = results["best"].get(Run(name, 1, "fp32", "formerkit"))
+        for precision in ("int8", "int4"):
+            quantized = results["best"].get(Run(name, 1, precision, "formerkit"))
+            if not (fp32 and quantized):
+                continue
+            gain = quantized / fp32
+            results.setdefault(f"{precision}_gain", {})[name] = gain
+            target = f", target {INT8_TARGET}x: {'met' if gain >= INT8_TARGET else 'missed'}" \
+                if name == "base" and precision == "int8" else ""
+            print(f"  {name} {precision} / own fp32 at batch 1: {gain:.2f}x{target}")
 
 
 def stdlib_texts():
@@ -271,7 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="small,base", help=f"comma-separated subset of {','.join(SHAPES)}")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--precisions", default="fp32,bf16,int8")
+    parser.add_argument("--precisions", default="fp32,bf16,int8", help="comma-separated subset of "
+                        f"{','.join(DTYPES)}")
+    parser.add_argument("--group-size", type=int, default=64, help="int4: input features per scale and zero point")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--prompt-speed", type=int, default=0, help="also time a prompt of this many tokens")
@@ -300,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["same_tokens"][name] = same = check_same_tokens(ours, theirs, prompts[batches[0]], args.new_tokens)
             print(f"\n{name}: fp32 greedy tokens identical to transformers': {same}")
             ggufs = convert_all(directory, precisions) if args.llamacpp and SHAPES[name][0] == "llama" else {}
-            models = variants(ours, theirs, precisions)
+            models = variants(ours, theirs, precisions, args.group_size)
             weight_bytes = {p: weight_bytes_per_token(models[p, "formerkit"]) for p in precisions}
             best, prefill = measure(models, prompts, name, args.new_tokens, args.repeats, ggufs, speed)
             if "fp32" in ggufs:

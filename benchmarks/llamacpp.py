@@ -5,6 +5,11 @@ builds llama.cpp from source) and the converter from its source distribution
 (``vendor/llama.cpp/convert_hf_to_gguf.py`` with ``conversion/`` and ``gguf-py/``), unpacked
 under ``.cache/llama.cpp`` or wherever ``FORMERKIT_LLAMA_CPP`` points.
 
+The converter writes f32, bf16 and q8_0 itself; q4_0 (for formerkit's int4) is llama.cpp's own
+quantizer run on the f32 file (``llama_model_quantize``, as ``llama-quantize`` does) with
+``pure`` set, so every weight matrix, the LM head included, is q4_0 as formerkit's int4 quantizes
+every linear layer (without it llama.cpp would keep the head at q6_K).
+
 The converter checks a BPE tokenizer's pre-tokenizer against the models it knows; a tokenizer
 trained here is unknown to it, so that check is bypassed (it names the pre-tokenizer
 "default"). The benchmark decodes token ids, never text, so the tokenizer only has to exist.
@@ -25,7 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = "0.3.36"  # llama-cpp-python; its sdist vendors the matching llama.cpp converter
-OUTTYPES = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0"}  # formerkit precision -> GGUF weight type
+OUTTYPES = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}  # formerkit precision -> GGUF type
+QUANTIZED = {"int4": "LLAMA_FTYPE_MOSTLY_Q4_0"}  # made by llama.cpp's quantizer from the f32 file, not the converter
 
 
 def source_dir() -> Path:
@@ -63,7 +69,19 @@ convert_hf_to_gguf.main()
 
 
 def convert(hf_dir: Path, out: Path, precision: str) -> Path:
-    """Convert the Hugging Face directory ``hf_dir`` to the GGUF file ``out`` at ``precision``; return ``out``."""
+    """Convert the Hugging Face directory ``hf_dir`` to the GGUF file ``out`` at ``precision``; return ``out``.
+
+    q4_0 goes through an f32 file beside ``out`` (converted first unless it is there), quantized by llama.cpp.
+    """
+    if precision in QUANTIZED:
+        f32 = out.with_name(f"model-{OUTTYPES['fp32']}.gguf")
+        if not f32.is_file():
+            convert(hf_dir, f32, "fp32")
+        done = subprocess.run([sys.executable, __file__, "quantize", str(f32), str(out), QUANTIZED[precision]],
+                              capture_output=True, text=True)
+        if done.returncode != 0 or not out.is_file():
+            raise SystemExit(f"llama.cpp's quantizer failed on {f32} ({precision}):\n{done.stderr[-3000:]}")
+        return out
     src = source_dir()
     script = _CONVERT.format(src=str(src), gguf=str(src / "gguf-py"), hf_dir=str(hf_dir), out=str(out),
                              outtype=OUTTYPES[precision])
@@ -117,6 +135,18 @@ def _child(gguf: str, threads: int, prompt: list[int], long_prompt: list[int], n
             "tokens": tokens}
 
 
+def _quantize(source: str, out: str, ftype: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftype)
+    params.pure = True  # every matrix at ftype: no q6_K head, no per-tensor mixture
+    if llama_cpp.llama_model_quantize(source.encode(), out.encode(), params) != 0:
+        raise SystemExit(f"llama_model_quantize({source}, {out}, {ftype}) failed")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["quantize"]:
+    _quantize(*sys.argv[2:5])
 if __name__ == "__main__" and sys.argv[1:2] == ["measure"]:
     gguf_path, n_threads, prompts_json, n_new = sys.argv[2:6]
     short, long = json.loads(prompts_json)

@@ -50,3 +50,14 @@ def test_weight_bytes_count_every_linear_once(bench, tmp_path):
     int8 = bench.quantize_int8(ours.to(torch.bfloat16))
     scales = n_layers * (3 * d + d + 4 * d + d) + bench.VOCAB  # one float32 scale per output channel
     assert bench.weight_bytes_per_token(int8) == expected + 4 * scales
+
+
+def test_int4_variant_and_its_weight_bytes(bench, tmp_path):
+    ours, theirs = bench.build_pair("tiny", tmp_path)
+    _, n_layers, d, *_ = bench.SHAPES["tiny"]
+    int4 = bench.variants(ours, theirs, ["int4"], group_size=32)["int4", "formerkit"]
+    assert {type(m).__name__ for m in int4.modules()} >= {"Int4Linear"}
+    weights = n_layers * (3 * d * d + d * d + 4 * d * d + 4 * d * d) + bench.VOCAB * d  # as above
+    groups = weights // 32
+    # half a byte per weight; a scale (bf16: the model was converted) and a uint8 zero point per group
+    assert bench.weight_bytes_per_token(int4) == weights // 2 + groups * (2 + 1)

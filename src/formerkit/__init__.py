@@ -24,6 +24,7 @@ from formerkit.generate import (
     speculative_generate,
 )
 from formerkit.interp import ActivationCache, run_with_cache, run_with_hooks
+from formerkit.layers.int4 import Int4Linear, quantize_int4
 from formerkit.layers.quantized import Int8Linear, quantize_int8
 from formerkit.model import ModelOutput, Transformer
 from formerkit.predict import classify, fill_mask
@@ -51,6 +52,7 @@ __all__ = [
     "GenerationConfig",
     "HFTokenizer",
     "InputError",
+    "Int4Linear",
     "Int8Linear",
     "ModelConfig",
     "ModelOutput",
@@ -70,6 +72,7 @@ __all__ = [
     "generate_text",
     "load_quantized",
     "load_tokenizer",
+    "quantize_int4",
     "quantize_int8",
     "run_with_cache",
     "run_with_hooks",

@@ -29,6 +29,7 @@ from formerkit.checkpoints.quantized import QUANTIZATION_FILE, load_quantized
 from formerkit.checkpoints.special_ids import with_tokenizer_ids
 from formerkit.errors import InputError
 from formerkit.fileio import write_json
+from formerkit.layers.int4 import Int4Linear
 from formerkit.layers.quantized import Int8Linear
 from formerkit.model import Transformer
 from formerkit.rundir import NATIVE_CONFIG, resolve_checkpoint_dir
@@ -88,8 +89,8 @@ def save_pretrained(model: Transformer, path: str | Path, format: Literal["nativ
     where the vocabulary holds them. Returns the directory path.
     """
     directory = Path(path)
-    if any(isinstance(m, Int8Linear) for m in model.modules()):
-        raise InputError("this model holds int8 weights: write it with formerkit.save_quantized")
+    if any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()):
+        raise InputError("this model holds quantized (int8 or int4) weights: write it with formerkit.save_quantized")
     tied = tied_names(model)
     state = {k: v for k, v in model.state_dict().items() if k not in tied}
     if any(".adapters." in k for k in state):  # formerkit.compress's LoRA layers (core code does not import it)

@@ -21,6 +21,8 @@ Saving and loading quantized checkpoints is ``formerkit.checkpoints.quantized``'
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -117,6 +119,28 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def swap_linears(model: nn.Module, convert: Callable[[nn.Linear], nn.Module], *,
+                 quantize_tied_head: bool = True) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` in place by ``convert(linear)``; return the model.
+
+    A linear layer whose weight is an embedding table (a tied LM head) is converted too when
+    ``quantize_tied_head``, else left as it is. A layer reused in several places becomes one
+    converted module. Module names are unchanged.
+    """
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # tied: the same Parameter
+    swapped: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            if id(child.weight) in embedded and not quantize_tied_head:
+                continue
+            if id(child) not in swapped:
+                swapped[id(child)] = convert(child)
+            setattr(parent, name, swapped[id(child)])
+    return model
+
+
 def quantize_int8(model: nn.Module, *, quantize_tied_head: bool = True) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` in place by an ``Int8Linear``; return the model.
 
@@ -126,15 +150,4 @@ def quantize_int8(model: nn.Module, *, quantize_tied_head: bool = True) -> nn.Mo
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"quantize_int8 takes a torch.nn.Module, got {type(model).__name__}")
-    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # tied: the same Parameter
-    swapped: dict[int, Int8Linear] = {}  # a layer reused in several places stays one module
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.Linear):
-                continue
-            if id(child.weight) in embedded and not quantize_tied_head:
-                continue
-            if id(child) not in swapped:
-                swapped[id(child)] = Int8Linear.from_linear(child)
-            setattr(parent, name, swapped[id(child)])
-    return model
+    return swap_linears(model, Int8Linear.from_linear, quantize_tied_head=quantize_tied_head)
