@@ -16,7 +16,7 @@ from formerkit.heads import pool
 from formerkit.model import Transformer, _run_stack
 from formerkit.tokenizers import Tokenizer
 
-MAX_TOKENS = 8192  # default tokens per batch, padding included (measured: benchmarks/embed_throughput.py)
+MAX_TOKENS = 8192  # default tokens per batch, padding included (not yet swept: embed_throughput.py --sweep)
 CHUNK = 4096  # texts tokenized and sorted together; bounds the memory of the padded ids
 
 
