@@ -72,7 +72,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
     sentences = args.sentences or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not sentences:
         raise InputError("give sentences as arguments or one per line on standard input")
-    vectors = embed(model, tokenizer, sentences, pooling=args.pooling)
+    vectors = embed(model, tokenizer, sentences, pooling=args.pooling, max_tokens=args.max_tokens)
     if args.json:
         for sentence, vector in zip(sentences, vectors, strict=True):
             print(json.dumps({"text": sentence, "embedding": [round(v, 6) for v in vector.tolist()]}))
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory with a tokenizer.json")
     p.add_argument("--pooling", choices=["mean", "cls", "last", "max"], default=None,
                    help="pooling over tokens (default: the checkpoint's own)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens per batch, padding included (default: formerkit.embed.MAX_TOKENS)")
     p.add_argument("--json", action="store_true", help="print one JSON line per sentence with its vector")
     p.add_argument("sentences", nargs="*", help="sentences (default: one per line on standard input)")
     p.set_defaults(func=cmd_embed)
