@@ -29,7 +29,8 @@ def add_inspect_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (native or HF) or training run directory")
     p.add_argument("--prompt", required=True, help="the text to inspect")
     p.add_argument("--corrupted", default=None,
-                   help="a prompt of the same token count whose prediction differs: adds the patching map")
+                   help="a prompt of the same token count whose prediction differs: adds the patching map "
+                        "(default: none, no patching)")
     p.add_argument("--out", default="report.html", help="HTML file to write (default: report.html)")
     p.add_argument("--top-heads", type=positive_int, default=5,
                    help="heads shown by direct logit attribution (default: 5)")
