@@ -50,6 +50,11 @@ def logits_with_zeroed(model: fk.Transformer, ids: torch.Tensor, hook: str, zero
     return logits
 
 
+def per_layer(cfg: fk.ModelConfig, name: str) -> list[int]:
+    """Each layer's n_heads / kv_heads / d_ff (the config holds a list, or one integer for all)."""
+    return [getattr(cfg.layer_config(i), name) for i in range(cfg.n_layers)]
+
+
 IDS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
@@ -64,7 +69,7 @@ def test_pruning_heads_equals_zeroing_their_z(preset, kw, heads):
     prune_heads(model, heads)
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, reference, atol=1e-5, rtol=0)
-    assert model.config.n_heads == [4 - len(heads.get(i, [])) for i in range(3)]
+    assert per_layer(model.config, "n_heads") == [4 - len(heads.get(i, [])) for i in range(3)]
     assert model.config.d_head == 8 and sum(p.numel() for p in model.parameters()) < before
     if preset == "llama":
         assert model.config.n_kv_heads == [2, 1, 1]
@@ -188,11 +193,12 @@ def test_prune_removes_the_least_important_units_to_the_kept_fraction():
     lowest = {(layer, h) for _, layer, h in ranked[:6]}
     prune(model, data, heads=0.5, neurons=0.5, steps=1)
     kept = {(layer, h) for layer in range(3) for h in range(4)} - lowest
-    assert sum(model.config.n_heads) == 6 and sum(model.config.d_ff) == 36
-    assert model.config.n_heads == [sum(1 for layer, _ in kept if layer == i) for i in range(3)]
+    assert sum(per_layer(model.config, "n_heads")) == 6 and sum(per_layer(model.config, "d_ff")) == 36
+    assert per_layer(model.config, "n_heads") == [sum(1 for layer, _ in kept if layer == i) for i in range(3)]
     steps = prune(tiny("llama", n_kv_heads=2), data, heads=0.5, neurons=0.25, steps=3)
-    assert sum(steps.config.n_heads) == 6 and sum(steps.config.d_ff) == 18
-    assert all(h % kv == 0 for h, kv in zip(steps.config.n_heads, steps.config.n_kv_heads, strict=True))
+    assert sum(per_layer(steps.config, "n_heads")) == 6 and sum(per_layer(steps.config, "d_ff")) == 18
+    assert all(h % kv == 0 for h, kv in zip(per_layer(steps.config, "n_heads"), per_layer(steps.config, "kv_heads"),
+                                            strict=True))
 
 
 def test_pruning_everything_is_refused():
@@ -208,7 +214,7 @@ def test_pruning_everything_is_refused():
     with pytest.raises(fk.InputError, match="kept fraction"):
         prune(model, batches(1), heads=0.0)
     prune(model, batches(1), heads=0.01, neurons=0.01, steps=2)  # as far as it can go: one unit per layer
-    assert model.config.n_heads == [2, 2, 2] and model.config.d_ff == [1, 1, 1]
+    assert (model.config.n_heads, model.config.n_kv_heads, model.config.d_ff) == (2, 1, 1)  # the same in each layer
 
 
 def test_prune_command(tmp_path, capsys):
@@ -223,4 +229,16 @@ def test_prune_command(tmp_path, capsys):
                  "--seq-len", "16"]) == 0
     assert "held-out loss" in capsys.readouterr().out
     pruned = fk.from_pretrained(tmp_path / "out")
-    assert sum(pruned.config.n_heads) == 6 and sum(pruned.config.d_ff) == 36
+    assert sum(per_layer(pruned.config, "n_heads")) == 6 and sum(per_layer(pruned.config, "d_ff")) == 36
+
+
+def test_prune_curve_quick(tmp_path):
+    from conftest import load_script
+
+    bench = load_script("benchmarks/prune_curve.py")
+    out = bench.main(["--quick", "--steps-train", "3", "--steps", "1", "--out", str(tmp_path / "curve.png")])
+    assert (tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")
+    assert set(out["results"]) == set(bench.MODES)
+    for rows in out["results"].values():
+        assert rows[0]["loss"] == pytest.approx(out["full_loss"])  # kept fraction 1: nothing pruned
+        assert rows[1]["params"] < out["params"]

@@ -144,6 +144,11 @@ def _layer_map(model: Transformer, selection: Mapping[int, Iterable[int]], sizes
     return out
 
 
+def _per_layer(sizes: list[int]) -> int | list[int]:
+    """A config's size field: one integer when every layer has the same size, else the per-layer list."""
+    return sizes[0] if len(set(sizes)) == 1 else sizes
+
+
 def _kept(n: int, removed: list[int], device: torch.device) -> torch.Tensor:
     drop = set(removed)
     return torch.tensor([i for i in range(n) if i not in drop], dtype=torch.long, device=device)
@@ -173,7 +178,8 @@ def prune_heads(model: Transformer, heads: Mapping[int, Iterable[int]]) -> Trans
     """Remove attention heads in place: ``{layer: [head, ...]}``; returns the model, its config updated.
 
     The heads' rows of ``attn.qkv`` and columns of ``attn.out`` go; ``n_heads`` (and, under
-    grouped-query attention, ``n_kv_heads``) become per-layer lists and ``d_head`` is fixed.
+    grouped-query attention, ``n_kv_heads``) become per-layer lists (one integer when every layer
+    has the same count) and ``d_head`` is fixed.
     Removing every head of a layer, or an uneven share of grouped-query groups, is an InputError.
     """
     blocks = _blocks(model)
@@ -182,12 +188,14 @@ def prune_heads(model: Transformer, heads: Mapping[int, Iterable[int]]) -> Trans
         raise InputError(f"heads of a position={cfg.position!r} model cannot be pruned: its per-head slopes/bias are "
                          "shared by every layer (neurons can be)")
     selection = _layer_map(model, heads, [b.attn.n_heads for b in blocks], "head")
+    if not selection:
+        return model
     for layer, removed in selection.items():
         _prune_attention(blocks[layer].attn, removed)
     n_heads = [b.attn.n_heads for b in blocks]
     n_kv = [b.attn.n_kv_heads for b in blocks]
-    model.config = cfg.replace(n_heads=n_heads, d_head=cfg.head_dim,
-                               n_kv_heads=None if n_kv == n_heads and cfg.n_kv_heads is None else n_kv)
+    model.config = cfg.replace(n_heads=_per_layer(n_heads), d_head=cfg.head_dim,
+                               n_kv_heads=None if n_kv == n_heads and cfg.n_kv_heads is None else _per_layer(n_kv))
     return model
 
 
@@ -195,10 +203,13 @@ def prune_neurons(model: Transformer, neurons: Mapping[int, Iterable[int]]) -> T
     """Remove feed-forward neurons in place: ``{layer: [neuron, ...]}``; returns the model, its config updated.
 
     The neurons' rows of ``fc_in`` (and ``fc_gate``) and columns of ``fc_out`` go; ``d_ff`` becomes
-    a per-layer list. Removing every neuron of a layer is an InputError.
+    a per-layer list (one integer when every layer has the same width). Removing every neuron of a
+    layer is an InputError.
     """
     blocks = _blocks(model)
     selection = _layer_map(model, neurons, [b.mlp.fc_out.in_features for b in blocks], "neuron")
+    if not selection:
+        return model
     for layer, removed in selection.items():
         mlp = blocks[layer].mlp
         keep = _kept(mlp.fc_out.in_features, removed, mlp.fc_out.weight.device)  # (d_ff',)
@@ -206,7 +217,7 @@ def prune_neurons(model: Transformer, neurons: Mapping[int, Iterable[int]]) -> T
         if mlp.fc_gate is not None:
             mlp.fc_gate = _sliced(mlp.fc_gate, rows=keep)
         mlp.fc_out = _sliced(mlp.fc_out, cols=keep)
-    model.config = model.config.replace(d_ff=[b.mlp.fc_out.in_features for b in blocks])
+    model.config = model.config.replace(d_ff=_per_layer([b.mlp.fc_out.in_features for b in blocks]))
     return model
 
 

@@ -13,6 +13,7 @@ import math
 import torch
 
 from formerkit.checkpoints import from_pretrained, save_pretrained
+from formerkit.cliargs import positive_int
 from formerkit.compress.prune import Batch, prune
 from formerkit.data.sources import TextSource, resolve_source
 from formerkit.errors import DataError, InputError
@@ -61,6 +62,17 @@ def parameter_count(model: Transformer) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def kept_fraction(text: str) -> float:
+    """argparse type: a fraction in (0, 1] of heads or neurons to keep."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a kept fraction in (0, 1], got {text}")
+    return value
+
+
 def cmd_prune(args: argparse.Namespace) -> None:
     """``formerkit prune``: prune a causal LM checkpoint to kept fractions of heads and neurons, write it to --out."""
     source_dir = resolve_checkpoint_dir(args.checkpoint)
@@ -88,12 +100,12 @@ def add_prune_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("prune", help="remove the least important attention heads and feed-forward neurons")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (native or HF) or training run directory")
     p.add_argument("--out", required=True, help="directory to write the pruned (native) checkpoint to")
-    p.add_argument("--heads", type=float, default=1.0, help="fraction of query heads to keep (default 1: all)")
-    p.add_argument("--neurons", type=float, default=1.0, help="fraction of feed-forward neurons to keep (default 1)")
-    p.add_argument("--steps", type=int, default=4, help="pruning steps, importance measured again before each")
+    p.add_argument("--heads", type=kept_fraction, default=1.0, help="fraction of query heads to keep")
+    p.add_argument("--neurons", type=kept_fraction, default=1.0, help="fraction of feed-forward neurons to keep")
+    p.add_argument("--steps", type=positive_int, default=4, help="pruning steps, importance measured again before each")
     p.add_argument("--data", default=None, help='text to score on: a file, directory, glob or .jsonl (default: '
                                                 'the embedded "stdlib" corpus)')
-    p.add_argument("--batches", type=int, default=8, help="batches to score importance on (and to evaluate)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--batches", type=positive_int, default=8, help="batches to score importance on (and to evaluate)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch")
+    p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sequence")
     p.set_defaults(func=cmd_prune)
