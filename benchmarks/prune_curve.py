@@ -53,9 +53,11 @@ def corpus(work: Path, packages: tuple[str, ...], vocab: int | None):
 
 
 def train_model(cfg: fk.ModelConfig, data: WindowBatches, steps: int, lr: float) -> fk.Transformer:
-    """AdamW with warmup and cosine decay, gradient clipping at 1; returns the model in eval mode."""
+    """AdamW with warmup and cosine decay, gradient clipping at 1; returns the model in eval mode (0 steps: random)."""
     torch.manual_seed(0)
     model = fk.Transformer(cfg).train()
+    if not steps:
+        return model.eval()  # no optimizer: constructing one first imports torch._dynamo (seconds)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
     for step in range(steps):
