@@ -207,8 +207,9 @@ def test_pruning_everything_is_refused():
         prune_heads(model, {1: [0, 1, 2, 3]})
     with pytest.raises(fk.InputError, match="pruning all 24 neurons of layer 0"):
         prune_neurons(model, {0: range(24)})
-    with pytest.raises(fk.InputError, match=r"leaves key/value groups of \[1, 2\] query heads.*equal groups"):
-        prune_heads(model, {0: [0]})
+    with pytest.raises(fk.InputError, match=r"\[0\] of layer 1 leaves key/value groups of \[1, 2\] .*equal"):
+        prune_heads(model, {0: [0, 1], 1: [0]})
+    assert model.blocks[0].attn.n_heads == 4 and model.config.n_heads == 4  # nothing changed
     with pytest.raises(fk.InputError, match="layer 5 does not exist"):
         prune_heads(model, {5: [0]})
     with pytest.raises(fk.InputError, match="kept fraction"):

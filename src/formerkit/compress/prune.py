@@ -122,10 +122,11 @@ def _sliced(layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tens
         if bias is not None:
             new.bias.copy_(bias)
     new.train(layer.training)
+    new.requires_grad_(layer.weight.requires_grad)
     return new
 
 
-def _layer_map(model: Transformer, selection: Mapping[int, Iterable[int]], sizes: list[int], what: str
+def _layer_map(selection: Mapping[int, Iterable[int]], sizes: list[int], what: str
                ) -> dict[int, list[int]]:
     """Check ``{layer: [index, ...]}`` against the layer sizes; return it with sorted distinct indices."""
     out = {}
@@ -154,16 +155,20 @@ def _kept(n: int, removed: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor([i for i in range(n) if i not in drop], dtype=torch.long, device=device)
 
 
-def _prune_attention(attn: nn.Module, removed: list[int]) -> None:
-    """Remove query heads ``removed`` from one self-attention layer (and key/value heads left without queries)."""
+def _groups_left(attn: nn.Module, layer: int, removed: list[int]) -> list[int]:
+    """Query heads left in each key/value group of one layer; InputError when the groups would be uneven."""
+    group = attn.n_heads // attn.n_kv_heads
+    left = [group - sum(1 for h in removed if h // group == g) for g in range(attn.n_kv_heads)]
+    if len({n for n in left if n}) > 1:
+        raise InputError(f"removing query heads {removed} of layer {layer} leaves key/value groups of {left} query "
+                         f"heads; grouped-query attention needs equal groups: remove the same number from each "
+                         f"group (of {group}: heads g*{group}..g*{group}+{group - 1}) or whole groups")
+    return left
+
+
+def _prune_attention(attn: nn.Module, removed: list[int], left: list[int]) -> None:
+    """Remove query heads ``removed`` from one self-attention layer, and the key/value groups ``left`` empty."""
     H, KV, D = attn.n_heads, attn.n_kv_heads, attn.d_head
-    group = H // KV
-    left = [group - sum(1 for h in removed if h // group == g) for g in range(KV)]  # query heads left per group
-    sizes = {n for n in left if n}
-    if len(sizes) > 1:
-        raise InputError(f"removing query heads {removed} leaves key/value groups of {left} query heads; grouped-"
-                         f"query attention needs equal groups: remove the same number from each group (of {group}: "
-                         f"heads g*{group}..g*{group}+{group - 1}) or whole groups")
     device = attn.qkv.weight.device
     q = _kept(H, removed, device)  # (H',)
     kv = _kept(KV, [g for g in range(KV) if not left[g]], device)  # (KV',)
@@ -187,11 +192,12 @@ def prune_heads(model: Transformer, heads: Mapping[int, Iterable[int]]) -> Trans
     if cfg.position in ("alibi", "relative"):
         raise InputError(f"heads of a position={cfg.position!r} model cannot be pruned: its per-head slopes/bias are "
                          "shared by every layer (neurons can be)")
-    selection = _layer_map(model, heads, [b.attn.n_heads for b in blocks], "head")
+    selection = _layer_map(heads, [b.attn.n_heads for b in blocks], "head")
     if not selection:
         return model
-    for layer, removed in selection.items():
-        _prune_attention(blocks[layer].attn, removed)
+    left = {layer: _groups_left(blocks[layer].attn, layer, removed) for layer, removed in selection.items()}
+    for layer, removed in selection.items():  # every layer checked before any is changed
+        _prune_attention(blocks[layer].attn, removed, left[layer])
     n_heads = [b.attn.n_heads for b in blocks]
     n_kv = [b.attn.n_kv_heads for b in blocks]
     model.config = cfg.replace(n_heads=_per_layer(n_heads), d_head=cfg.head_dim,
@@ -207,7 +213,7 @@ def prune_neurons(model: Transformer, neurons: Mapping[int, Iterable[int]]) -> T
     layer is an InputError.
     """
     blocks = _blocks(model)
-    selection = _layer_map(model, neurons, [b.mlp.fc_out.in_features for b in blocks], "neuron")
+    selection = _layer_map(neurons, [b.mlp.fc_out.in_features for b in blocks], "neuron")
     if not selection:
         return model
     for layer, removed in selection.items():
