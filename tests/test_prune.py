@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 import formerkit as fk
 from formerkit.cli import main
@@ -243,3 +244,13 @@ def test_prune_curve_quick(tmp_path):
     for rows in out["results"].values():
         assert rows[0]["loss"] == pytest.approx(out["full_loss"])  # kept fraction 1: nothing pruned
         assert rows[1]["params"] < out["params"]
+
+
+def test_uniformly_pruned_llama_is_one_integer_and_exports_to_transformers(tmp_path):
+    model = prune_neurons(prune_heads(tiny("llama", n_kv_heads=2), {0: [2, 3], 1: [0, 1], 2: [2, 3]}),
+                          {i: [1, 2] for i in range(3)})
+    assert (model.config.n_heads, model.config.n_kv_heads, model.config.d_head, model.config.d_ff) == (2, 1, 8, 22)
+    fk.save_pretrained(model, tmp_path, format="hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits, model(IDS).logits, atol=1e-5, rtol=0)
