@@ -8,7 +8,7 @@ importance, scored again before each of ``--steps`` steps on training windows): 
 only, and both; and, as the baseline, both removed at random (the same count in every layer).
 Each is evaluated on the held-out split. The PNG plots held-out loss against kept fraction.
 
-    python benchmarks/prune_curve.py [--steps-train 700] [--out docs/images/prune_curve.png] [--quick]
+    python benchmarks/prune_curve.py [--steps-train 300] [--out docs/images/prune_curve.png] [--quick]
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from formerkit.data import WindowBatches, eval_batches, load_corpus, resolve_sou
 from formerkit.hardware import describe_machine
 from formerkit.tokenizers import ByteTokenizer, train_bpe
 
-FULL = dict(model=dict(n_layers=4, d_model=128, n_heads=4, n_kv_heads=None, d_ff=352), seq_len=128, batch=16,
-            vocab=2048, packages=("json", "email", "http", "asyncio", "collections"), lr=3e-3,
-            fractions=(1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25), score_batches=4, eval_batches=16)
+FULL = dict(model=dict(n_layers=4, d_model=128, n_heads=4, n_kv_heads=None, d_ff=352), seq_len=128, batch=8,
+            vocab=2048, packages=("json", "email", "http"), lr=3e-3, fractions=(1.0, 0.75, 0.5, 0.25),
+            score_batches=2, eval_batches=8)
 QUICK = dict(model=dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=None, d_ff=32), seq_len=32, batch=4,
              vocab=None, packages=("tomllib",), lr=3e-3, fractions=(1.0, 0.5), score_batches=1, eval_batches=2)
 MODES = ("heads", "neurons", "both", "both, random")
@@ -119,8 +119,8 @@ def plot(results: dict[str, list[dict]], full_loss: float, path: Path, title: st
 def main(argv: list[str] | None = None) -> dict:
     """Train, prune to each kept fraction in each mode, evaluate, plot; print a table; return the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps-train", type=int, default=700, help="training steps of the model (default: 700)")
-    parser.add_argument("--steps", type=int, default=4, help="pruning steps per run (default: 4)")
+    parser.add_argument("--steps-train", type=int, default=300, help="training steps of the model (default: 300)")
+    parser.add_argument("--steps", type=int, default=2, help="pruning steps per run (default: 2)")
     parser.add_argument("--out", default="docs/images/prune_curve.png", help="PNG path (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a tiny model and corpus, seconds (for tests)")
     args = parser.parse_args(argv)
@@ -148,8 +148,10 @@ def curve(args: argparse.Namespace, shape: dict, tokenizer, tokens, start: float
     cfg = fk.ModelConfig.from_preset("llama", **shape["model"], vocab_size=tokenizer.vocab_size,
                                      max_seq_len=shape["seq_len"], tie_embeddings=True)
     train = WindowBatches(tokens.train, batch_size=shape["batch"], seq_len=shape["seq_len"], seed=0)
+    print(f"corpus ready ({len(tokens.train):,} training tokens) at {time.perf_counter() - start:.0f} s", flush=True)
     model = train_model(cfg, train, args.steps_train, shape["lr"])
     trained = time.perf_counter()
+    print(f"trained at {trained - start:.0f} s", flush=True)
     evaluation = eval_batches(tokens.val, batch_size=shape["batch"], seq_len=shape["seq_len"],
                               max_batches=shape["eval_batches"])
     scoring = [{"input_ids": x, "labels": x}  # training windows the model has not seen; the model shifts labels
@@ -168,6 +170,7 @@ def curve(args: argparse.Namespace, shape: dict, tokenizer, tokens, start: float
             results[mode].append({"kept": fraction, "loss": held_out_loss(pruned, evaluation),
                                   "params": sum(p.numel() for p in pruned.parameters()),
                                   "n_heads": pruned.config.n_heads, "d_ff": pruned.config.d_ff})
+            print(f"{mode} {fraction}: {results[mode][-1]}", flush=True)
     machine = describe_machine()
     out = {"machine": machine, "config": dict(shape["model"]), "vocab": tokenizer.vocab_size,
            "train_steps": args.steps_train, "train_seconds": trained - start, "full_loss": full_loss,
