@@ -76,17 +76,21 @@ class CrossKV:
 
 
 class KVCache(nn.Module):
-    """A static KV cache for one model and one batch (see the module docstring)."""
+    """A static KV cache for one model and one batch (see the module docstring).
 
-    def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, d_head: int, *,
+    ``n_kv_heads``: one count for every layer, or a list of one per layer (a pruned model).
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int | list[int], d_head: int, *,
                  cross: bool, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
                  window_step: int | None = None) -> None:
         super().__init__()
         self.batch_size, self.max_len = batch_size, max_len
         self.window_step = window_step  # None: attend over the whole buffer
         self._write = _Write()
-        self.layers = nn.ModuleList(LayerKV(batch_size, max_len, n_kv_heads, d_head, dtype, device, self._write)
-                                    for _ in range(n_layers))
+        heads = n_kv_heads if isinstance(n_kv_heads, list) else [n_kv_heads] * n_layers  # per layer (pruned models)
+        self.layers = nn.ModuleList(LayerKV(batch_size, max_len, kv, d_head, dtype, device, self._write)
+                                    for kv in heads)
         self.cross = [CrossKV() for _ in range(n_layers)] if cross else None
         self.register_buffer("positions", torch.zeros(batch_size, max_len, dtype=torch.long, device=device),
                              persistent=False)  # (B, L) the position of the token in each slot

@@ -257,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_command(sub)
     add_serve_command(sub)
 
+    from formerkit.compress.prune_command import add_prune_command
+
+    add_prune_command(sub)
+
     from formerkit.interp.command import add_inspect_command
 
     add_inspect_command(sub)

@@ -29,6 +29,14 @@ Pooling = Literal["mean", "cls", "last", "max"]
 AttnBackend = Literal["sdpa", "eager"]
 
 
+LAYER_SIZES = ("n_heads", "n_kv_heads", "d_ff")  # the sizes that may be per-layer lists
+
+
+def _at(value: Any, i: int) -> Any:
+    """Layer i's entry of a per-layer list, or the value itself when it is shared by every layer."""
+    return value[i] if isinstance(value, list) else value
+
+
 def scaled_d_ff(d_ff: int, d_model: int, new_d_model: int) -> int:
     """The feed-forward width at ``new_d_model`` that keeps the ratio ``d_ff / d_model`` (at least 1)."""
     return max(1, round(d_ff * new_d_model / d_model))
@@ -42,6 +50,10 @@ class ModelConfig:
     (the original Transformer, T5, BART). For encoder-decoder models ``n_layers``, ``n_heads``,
     ``n_kv_heads`` and ``d_ff`` size the encoder, and ``n_decoder_layers``, ``decoder_n_heads``,
     ``decoder_n_kv_heads`` and ``decoder_d_ff`` the decoder (each ``None``: the encoder's value).
+
+    ``n_heads``, ``n_kv_heads`` and ``d_ff`` of a decoder or encoder model may also be per-layer
+    lists of ``n_layers`` integers (a pruned model: fewer heads or neurons in some layers); per-layer
+    head counts need an explicit ``d_head``. ``layer_config(i)`` gives layer i's config with plain sizes.
     """
 
     kind: Kind = "decoder"
@@ -49,10 +61,10 @@ class ModelConfig:
     d_model: int = 768
     n_layers: int = 12
     n_decoder_layers: int | None = None
-    n_heads: int = 12
-    n_kv_heads: int | None = None  # None: same as n_heads (MHA); 1: MQA; between: GQA
+    n_heads: int | list[int] = 12  # a list: the heads of each layer
+    n_kv_heads: int | list[int] | None = None  # None: same as n_heads (MHA); 1: MQA; between: GQA
     d_head: int | None = None  # None: d_model // n_heads
-    d_ff: int = 3072
+    d_ff: int | list[int] = 3072  # a list: the feed-forward width of each layer
     decoder_n_heads: int | None = None  # encoder-decoder: the decoder's heads; None: n_heads
     decoder_n_kv_heads: int | None = None  # encoder-decoder: the decoder's k/v heads; None: n_kv_heads (null: MHA)
     decoder_d_ff: int | None = None  # encoder-decoder: the decoder's feed-forward width; None: d_ff
@@ -110,6 +122,9 @@ class ModelConfig:
     num_channels: int = 3
 
     def __post_init__(self) -> None:
+        for name in LAYER_SIZES:  # stored as lists, so a JSON round trip compares equal
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
         if isinstance(self.label_names, tuple):  # stored as a list, so a JSON round trip compares equal
             self.label_names = list(self.label_names)
         if isinstance(self.eos_token_id, tuple):
@@ -123,9 +138,23 @@ class ModelConfig:
         return self.d_head if self.d_head is not None else self.d_model // self.n_heads
 
     @property
-    def kv_heads(self) -> int:
-        """Number of key/value heads (equal to n_heads for plain multi-head attention)."""
+    def kv_heads(self) -> int | list[int]:
+        """Number of key/value heads (equal to n_heads for plain multi-head attention); per layer, a list."""
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def per_layer_sizes(self) -> bool:
+        """Whether any of n_heads, n_kv_heads, d_ff is a per-layer list (the layers differ in size)."""
+        return any(isinstance(getattr(self, name), list) for name in LAYER_SIZES)
+
+    def layer_config(self, i: int) -> ModelConfig:
+        """The config layer ``i`` is built from: this one with layer i's n_heads, n_kv_heads and d_ff as integers.
+
+        Without per-layer lists it is this config.
+        """
+        if not self.per_layer_sizes:
+            return self
+        return dataclasses.replace(self, **{name: _at(getattr(self, name), i) for name in LAYER_SIZES})
 
     @property
     def decoder_layers(self) -> int:
@@ -273,13 +302,18 @@ def _validate(cfg: ModelConfig) -> None:
         _choice(cfg, name, literal)
     for name in ["vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "num_labels"]:
         value = getattr(cfg, name)
+        if name in LAYER_SIZES and isinstance(value, list):
+            continue  # checked entry by entry in _validate_layer_sizes
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     for name in ["n_decoder_layers", "n_kv_heads", "d_head", "sliding_window", "decoder_n_heads",
                  "decoder_n_kv_heads", "decoder_d_ff"]:
         value = getattr(cfg, name)
+        if name in LAYER_SIZES and isinstance(value, list):
+            continue
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ConfigError(f"{name} must be a positive integer or null, got {value!r}")
+    _validate_layer_sizes(cfg)
     if not isinstance(cfg.type_vocab_size, int) or isinstance(cfg.type_vocab_size, bool) or cfg.type_vocab_size < 0:
         raise ConfigError(f"type_vocab_size must be an integer >= 0, got {cfg.type_vocab_size!r}")
     for name in ["rope_theta", "rotary_fraction", "norm_eps", "attn_dropout", "resid_dropout", "embed_dropout",
@@ -305,11 +339,14 @@ def _validate(cfg: ModelConfig) -> None:
             f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}; "
             "change one of them or set d_head explicitly"
         )
-    if cfg.n_heads % cfg.kv_heads != 0:
-        raise ConfigError(
-            f"n_heads={cfg.n_heads} is not a multiple of n_kv_heads={cfg.kv_heads}; "
-            "pick n_kv_heads that divides n_heads (1 for MQA, n_heads for MHA)"
-        )
+    for i in range(cfg.n_layers if cfg.per_layer_sizes else 1):
+        heads, kv_heads = _at(cfg.n_heads, i), _at(cfg.kv_heads, i)
+        if heads % kv_heads != 0:
+            where = f"layer {i}: " if cfg.per_layer_sizes else ""
+            raise ConfigError(
+                f"{where}n_heads={heads} is not a multiple of n_kv_heads={kv_heads}; "
+                "pick n_kv_heads that divides n_heads (1 for MQA, n_heads for MHA)"
+            )
     if cfg.position == "rope":
         if not 0.0 < cfg.rotary_fraction <= 1.0:
             raise ConfigError(f"rotary_fraction must be in (0, 1], got {cfg.rotary_fraction}")
@@ -347,6 +384,36 @@ def _validate(cfg: ModelConfig) -> None:
     _validate_label_names(cfg)
 
 
+def _validate_layer_sizes(cfg: ModelConfig) -> None:
+    """Per-layer lists of n_heads, n_kv_heads, d_ff: n_layers positive integers each, in a single-stack model.
+
+    Per-layer head counts also need an explicit d_head (heads keep their size when others are removed)
+    and a position scheme without per-head tables shared by the stack (ALiBi slopes, T5's bias).
+    """
+    listed = [name for name in LAYER_SIZES if isinstance(getattr(cfg, name), list)]
+    for name in listed:
+        value = getattr(cfg, name)
+        if len(value) != cfg.n_layers:
+            raise ConfigError(f"{name} lists {len(value)} sizes but n_layers={cfg.n_layers}; give one per layer, "
+                              "or one integer for all")
+        bad = [v for v in value if not isinstance(v, int) or isinstance(v, bool) or v <= 0]
+        if bad:
+            raise ConfigError(f"{name} must be a positive integer or a list of them (one per layer), got {bad[0]!r} "
+                              f"in {value}")
+    if not listed:
+        return
+    if cfg.kind == "encoder-decoder":
+        raise ConfigError(f"per-layer lists ({', '.join(listed)}) size the layers of a decoder or encoder model, not "
+                          "an encoder-decoder; give one integer per stack (n_heads/decoder_n_heads, ...)")
+    if isinstance(cfg.n_heads, list):
+        if cfg.d_head is None:
+            raise ConfigError(f"per-layer n_heads={cfg.n_heads} needs an explicit d_head (the size of every head, "
+                              "d_model // n_heads before heads were removed)")
+        if cfg.position in ("alibi", "relative"):
+            raise ConfigError(f"per-layer n_heads cannot be used with position={cfg.position!r}: its per-head "
+                              "slopes/bias are shared by every layer; give one n_heads")
+
+
 def _validate_decoder_sizes(cfg: ModelConfig) -> None:
     """decoder_n_heads, decoder_n_kv_heads, decoder_d_ff: encoder-decoder only, held to the encoder's rules."""
     for name, shared in [("decoder_n_heads", "n_heads"), ("decoder_n_kv_heads", "n_kv_heads"),
@@ -354,6 +421,8 @@ def _validate_decoder_sizes(cfg: ModelConfig) -> None:
         if getattr(cfg, name) is not None and cfg.kind != "encoder-decoder":
             raise ConfigError(f"{name} sizes the decoder of an encoder-decoder model, got kind={cfg.kind!r}; "
                               f"set it to null ({shared} sizes the one stack)")
+    if cfg.kind != "encoder-decoder":
+        return  # the decoder's sizes are the stack's own, checked in _validate
     heads, kv_heads = cfg.decoder_heads, cfg.decoder_kv_heads
     if cfg.d_head is None and cfg.d_model % heads != 0:
         raise ConfigError(f"d_model={cfg.d_model} is not divisible by decoder_n_heads={heads}; "

@@ -76,7 +76,7 @@ def _add_stack_modules(owner: nn.Module, cfg: ModelConfig, n_layers: int, *, cro
     else:
         owner.alibi_slopes = None
     owner.hook_embed, owner.hook_pos_embed = HookPoint(), HookPoint()
-    owner.blocks = nn.ModuleList(Block(cfg, cross=cross) for _ in range(n_layers))
+    owner.blocks = nn.ModuleList(Block(cfg.layer_config(i), cross=cross) for i in range(n_layers))
     owner.ln_final = build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias) if cfg.final_norm else None
 
 

@@ -36,6 +36,11 @@ def _matches(family: Family, cfg: ModelConfig) -> bool:
 
 def family_of(cfg: ModelConfig) -> Family:
     """The family whose Hugging Face layout holds ``cfg``; ConfigError naming every field that does not fit."""
+    if cfg.per_layer_sizes:
+        listed = [f"{name}={getattr(cfg, name)}" for name in ("n_heads", "n_kv_heads", "d_ff")
+                  if isinstance(getattr(cfg, name), list)]
+        raise ConfigError(f"per-layer sizes ({', '.join(listed)}: a pruned model) have no Hugging Face layout in the "
+                          "families formerkit writes; save with format='native' instead")
     family = next((f for f in FAMILIES.values() if _matches(f, cfg)), None)
     if family is None:
         same_kind = [f for f in FAMILIES.values() if f.kind == cfg.kind and f.images == (cfg.patch_size is not None)]

@@ -87,7 +87,7 @@ def choose_attention(model: Transformer, rows: int, seq_len: int, precision: str
     cfg = model.config
     if seq_len > MAX_EXPLICIT_CONTEXT or cfg.sliding_window is not None or cfg.position in ("alibi", "relative"):
         return SpeedChoice("attention", "sdpa", note="fused kernel: long context or a position bias")
-    H, D = cfg.n_heads, cfg.head_dim
+    H, D = max(cfg.layer_config(i).n_heads for i in range(cfg.n_layers)), cfg.head_dim  # a pruned model: per layer
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(rows, H, seq_len, D, generator=generator).to(device).requires_grad_() for _ in range(3))
     autocast = contextlib.nullcontext() if precision == "fp32" else torch.autocast(device.type, DTYPES[precision])
@@ -168,7 +168,8 @@ def make_choices(cfg: TrainConfig, model: Transformer, info: DistInfo, previous:
     if info.is_main:
         t, model_cfg = cfg.train, model.config
         rows = t.batch_size // (t.grad_accum * info.world_size)  # sequences per micro-step and process
-        precision = resolve_precision(t.precision, info.device, d_model=model_cfg.d_model, d_ff=model_cfg.d_ff,
+        d_ff = max(model_cfg.layer_config(i).d_ff for i in range(model_cfg.n_layers))  # pruned: per layer
+        precision = resolve_precision(t.precision, info.device, d_model=model_cfg.d_model, d_ff=d_ff,
                                       rows=rows * t.seq_len, previous=previous.get("precision"))
         attention = SpeedChoice("attention", "sdpa", note="image model") if model_cfg.patch_size else \
             choose_attention(model, rows, t.seq_len, precision.precision, info.device, t.attention,
