@@ -11,6 +11,7 @@ import torch
 from formerkit.checkpoints import from_pretrained, save_pretrained
 from formerkit.cli import main
 from formerkit.compress.distill import Distiller, DistillSettings, capture_attention, check_pair, distill
+from formerkit.compress.distill_init import init_from_teacher, spaced_layers
 from formerkit.compress.distill_losses import (
     attention_kl,
     kd_loss,
@@ -21,7 +22,7 @@ from formerkit.compress.distill_losses import (
 )
 from formerkit.config import ModelConfig
 from formerkit.errors import ConfigError, InputError
-from formerkit.interp.run import run_with_cache
+from formerkit.interp.run import run_with_cache, run_with_hooks
 from formerkit.model import Transformer
 from formerkit.tokenizers import ByteTokenizer
 from formerkit.train.config import OptimSection
@@ -256,11 +257,40 @@ def test_cli_distills_a_loadable_student(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "step 3/3" in printed and "attention" in printed
+    narrow = tmp_path / "narrow.yaml"
+    narrow.write_text("preset: gpt2\nn_layers: 1\nd_model: 32\nn_heads: 4\nd_ff: 32\nmax_seq_len: 64\n")
+    assert main(["distill", "--teacher", str(teacher_dir), "--student", str(narrow), "--data", str(data),
+                 "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--init-from-teacher",
+                 "--out", str(tmp_path / "narrow"), "--log-every", "0"]) == 0
+    assert "teacher's layers 1" in capsys.readouterr().out
     student = from_pretrained(out)
     assert student.config.n_layers == 1 and student.config.vocab_size == VOCAB
     summary = json.loads((out / "distill.json").read_text())
     assert summary["steps"] == 3 and summary["student_parameters"] == student.num_parameters()
     assert math.isfinite(summary["student"]["loss"]) and summary["teacher"]["loss"] > 0
+
+
+@pytest.mark.parametrize(("teacher", "data"), [
+    (("bert-base", {"max_seq_len": 64}), "corpus"),
+    (("bert-base", {"max_seq_len": 64, "head": "classifier", "num_labels": 4, "pooling": "cls"}), "synthetic:topics"),
+])
+def test_cli_distills_masked_lm_and_classifier_students(tmp_path, teacher, data):
+    preset, fields = teacher
+    teacher_dir = save_pretrained(_model(preset, 0, **fields), tmp_path / "teacher", tokenizer=ByteTokenizer())
+    source = str(_corpus(tmp_path)) if data == "corpus" else data
+    student_cfg = tmp_path / "student.json"
+    student_cfg.write_text(json.dumps({"preset": preset, "n_layers": 1, "d_model": 16, "n_heads": 4, "d_ff": 32,
+                                       "max_seq_len": 64}))
+    out = tmp_path / "student"
+    code = main(["distill", "--teacher", str(teacher_dir), "--student", str(student_cfg), "--data", source,
+                 "--steps", "2", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "1",
+                 "--attention-weight", "1", "--out", str(out), "--log-every", "0"])
+    assert code == 0
+    student, original = from_pretrained(out), from_pretrained(teacher_dir)
+    assert (student.config.head, student.config.num_labels) == (original.config.head, original.config.num_labels)
+    assert student.config.d_model == 16
+    summary = json.loads((out / "distill.json").read_text())
+    assert set(summary["student"]) >= {"loss", "accuracy"}
 
 
 @pytest.mark.parametrize(("student_text", "extra", "message"), [
@@ -276,3 +306,32 @@ def test_cli_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, student_te
                  "--steps", "1", "--out", str(tmp_path / "out"), *extra])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_student_from_teacher_layers_and_most_important_neurons():
+    teacher = _model("llama", 0, n_layers=4, d_ff=64, n_kv_heads=2)
+    assert spaced_layers(4, 2) == [1, 3] and spaced_layers(6, 3) == [1, 3, 5] and spaced_layers(3, 3) == [0, 1, 2]
+    deep = _model("llama", 1, n_layers=4, d_ff=48, n_kv_heads=2)
+    assert init_from_teacher(deep, teacher) == [0, 1, 2, 3]
+    # the student = the teacher with the dropped neurons of every layer silenced (brute force: zero them by hook)
+    dropped = {}
+    for i in range(4):
+        mlp = teacher.blocks[i].mlp
+        score = [(mlp.fc_in.weight[j].norm() * mlp.fc_gate.weight[j].norm() * mlp.fc_out.weight[:, j].norm()).item()
+                 for j in range(64)]
+        dropped[i] = sorted(range(64), key=lambda j: score[j])[:16]
+
+    def silence(post, hook):
+        post[..., dropped[int(hook.name.split(".")[1])]] = 0.0
+        return post
+
+    x = _batch("causal")["x"]
+    with torch.no_grad():
+        reference = run_with_hooks(teacher, x, fwd_hooks=[(lambda n: n.endswith("mlp.hook_post"), silence)])
+        assert torch.allclose(deep(x).logits, reference, atol=1e-5)
+    shallow = _model("llama", 2, n_layers=2, d_ff=64, n_kv_heads=2)
+    init_from_teacher(shallow, teacher)
+    assert torch.equal(shallow.blocks[0].attn.qkv.weight, teacher.blocks[1].attn.qkv.weight)
+    assert torch.equal(shallow.blocks[1].mlp.fc_out.weight, teacher.blocks[3].mlp.fc_out.weight)
+    with pytest.raises(ConfigError, match="differ in n_layers and d_ff only"):
+        init_from_teacher(_model("llama", 3, n_layers=2, d_model=16, n_heads=2, n_kv_heads=2), teacher)

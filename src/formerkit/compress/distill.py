@@ -147,14 +147,18 @@ class Distiller:
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """All parts of the loss of one batch: "loss" (what to minimize), "task", "kd" and "attention".
 
+        With alpha = 0 and no attention loss only "loss" and "task" (the teacher is not run).
+
         batch: the objective's batch: causal {"x", "y"}, mlm {"x", "labels"}, classify {"x", "mask", "labels"}.
         """
         attend = self.settings.attention_weight > 0
-        with torch.no_grad(), self._capture(self.teacher, attend) as teacher_acts:
-            teacher_logits = self._logits(self.teacher, batch)
         with self._capture(self.student, attend) as student_acts:
             student_logits = self._logits(self.student, batch)
         task, kd_mask = self._task(student_logits, batch)
+        if self.settings.alpha == 0 and not attend:  # the task loss alone: the teacher is not needed
+            return {"task": task.detach(), "loss": task}
+        with torch.no_grad(), self._capture(self.teacher, attend) as teacher_acts:
+            teacher_logits = self._logits(self.teacher, batch)
         kd = kd_loss(student_logits, teacher_logits, self.settings.temperature, kd_mask)
         loss = mix_losses(kd, task, self.settings.alpha)
         out = {"task": task.detach(), "kd": kd.detach()}

@@ -17,6 +17,7 @@ import yaml
 from formerkit.checkpoints import from_pretrained, save_pretrained
 from formerkit.cliargs import positive_int
 from formerkit.compress.distill import Distiller, DistillSettings, check_pair, distill, objective_of
+from formerkit.compress.distill_init import init_from_teacher
 from formerkit.config import ModelConfig
 from formerkit.data import resolve_source
 from formerkit.errors import ConfigError
@@ -78,6 +79,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
     teacher = from_pretrained(args.teacher)
     student = build_student(args.student, teacher, args.seed)
     task = check_pair(teacher, student)
+    if args.init_from_teacher:
+        layers = init_from_teacher(student, teacher)
+        print(f"student starts from the teacher's layers {', '.join(str(i) for i in layers)}")
     tokenizer = load_tokenizer(args.teacher)
     cfg = _train_config(args, task, teacher)
     info = DistInfo(0, 1, 0, torch.device("cpu"))
@@ -123,6 +127,9 @@ def add_distill_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--relation-heads", type=positive_int, default=None,
                    help="MiniLMv2 relation heads for the attention loss (default: MiniLM's per-head losses when the "
                         "head counts match, else the gcd of the two head counts)")
+    p.add_argument("--init-from-teacher", action="store_true",
+                   help="start the student from evenly spaced teacher layers, its embeddings and head, keeping the "
+                        "most important feed-forward neurons (the student may differ in n_layers and d_ff only)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of the data held out for evaluation")
     p.add_argument("--eval-batches", type=positive_int, default=20, help="validation batches (causal, mlm)")
     p.add_argument("--seed", type=int, default=0, help="seed of the student's initialization and the data order")
