@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -115,8 +116,9 @@ def main() -> None:
           "| bits/byte |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
+        seconds = "reused" if math.isnan(r["seconds"]) else round(r["seconds"])
         print(f"| {name} | {r['parameters']:,} ({r['parameters'] / t['parameters']:.0%}) | {r['steps']} | "
-              f"{r['seconds']:.0f} | {r['accuracy']:.4f} | {r['accuracy'] / t['accuracy']:.1%} | {r['loss']:.4f} | "
+              f"{seconds} | {r['accuracy']:.4f} | {r['accuracy'] / t['accuracy']:.1%} | {r['loss']:.4f} | "
               f"{r['perplexity']:.3f} | {r['bits_per_byte']:.4f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
