@@ -5,12 +5,12 @@ tokenizer). The teacher (a 4-layer GPT, d_model 128) is trained first with ``for
 (or reused from OUT/teacher when that run is finished). Then two students of the same shape and the
 same initialization (2 layers, d_ff 384: about 45% of the teacher's parameters) train for the same
 steps on the same batches with the same optimizer and schedule: one on the task loss alone, one with
-logit KD plus MiniLM's last-layer attention loss (``formerkit.compress.distill``). A third student
-is distilled the same way but starts from the teacher's layers 2 and 4 (each keeping its 384 most
-important feed-forward neurons; ``formerkit.compress.distill_init``). All are scored on the same
-held-out windows: next-byte accuracy, loss, perplexity and bits per byte.
+logit KD plus MiniLM's last-layer attention loss (``formerkit.compress.distill``). With
+--from-teacher a third student is distilled the same way but starts from the teacher's layers 2
+and 4, each keeping its 384 most important feed-forward neurons (``formerkit.compress.distill_init``).
+All are scored on the same held-out windows: next-byte accuracy, loss, perplexity and bits per byte.
 
-    python examples/distill_demo.py [--teacher-steps 500] [--steps 250] [--out runs/distill-demo]
+    python examples/distill_demo.py [--teacher-steps 500] [--steps 250] [--from-teacher] [--out runs/distill-demo]
 
 Results are in docs/distillation.md.
 """
@@ -79,9 +79,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher-steps", type=int, default=500)
     parser.add_argument("--steps", type=int, default=250, help="steps of each student")
-    parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--alpha", type=float, default=0.9)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--alpha", type=float, default=1.0, help="weight of KD against the task loss")
     parser.add_argument("--attention-weight", type=float, default=1.0)
+    parser.add_argument("--from-teacher", action="store_true",
+                        help="also distill a student started from the teacher's layers 2 and 4")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadiest on a busy machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/distill-demo"))
@@ -98,8 +100,9 @@ def main() -> None:
                         "seconds": teacher_seconds, **score(teacher, objective)}}
     distilled = DistillSettings(args.temperature, args.alpha, args.attention_weight)
     runs = {"student, no teacher": (DistillSettings(alpha=0.0), False),
-            "student, distilled": (distilled, False),
-            "student, distilled, from teacher layers": (distilled, True)}
+            "student, distilled": (distilled, False)}
+    if args.from_teacher:
+        runs["student, distilled, from teacher layers"] = (distilled, True)
     for name, (settings, from_teacher) in runs.items():
         torch.manual_seed(args.seed)  # the same initialization for the students started at random
         student = Transformer(teacher.config.replace(**STUDENT))
