@@ -261,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_prune_command(sub)
 
+    from formerkit.compress.distill_command import add_distill_command
+
+    add_distill_command(sub)
+
     from formerkit.interp.command import add_inspect_command
 
     add_inspect_command(sub)
