@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 import os
 
-import peft
 import pytest
 import torch
-import transformers
 
 import formerkit as fk
-from conftest import parity_error, reinit_for_parity
+from conftest import parity_error, reinit_for_parity, require
 from formerkit.compress import (
     LoraLinear,
     add_lora,
@@ -29,6 +27,9 @@ from formerkit.compress import (
 )
 from formerkit.errors import CheckpointError, InputError
 from formerkit.layers.quantized import quantize_int8
+
+peft = require("peft")
+transformers = require("transformers")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers.logging.set_verbosity_error()

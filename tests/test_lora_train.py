@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import peft
 import pytest
 import torch
-import transformers
 
 import formerkit as fk
-from conftest import parity_error
+from conftest import parity_error, require
 from formerkit.compress import load_adapter
 from formerkit.train import TrainConfig, train
+
+peft = require("peft")
+transformers = require("transformers")
 
 transformers.logging.set_verbosity_error()
 
