@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     prompt = repeated(rng, args.half)
     corrupted = repeated(rng, args.half)[: args.half] + prompt[args.half:]  # another first half, same second
     _, cache = run_with_cache(model, torch.tensor([tokenizer.encode(prompt)]))
-    png = out / "induction_head.png"
+    png = out / "copy_head.png"
     attention_png(cache["pattern", layer][0, head], list(prompt), title=f"layer {layer}, head {head}: copying",
                   path=png)
     report = save_html(inspect_report(model, tokenizer, prompt[:-1], corrupted=corrupted[:-1], top_heads=3,

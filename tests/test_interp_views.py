@@ -174,3 +174,15 @@ def test_inspect_command_writes_the_report(tmp_path, capsys):
     page = (tmp_path / "r.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("data:image/png;base64,") == 1 + 2
     assert "wrote" in capsys.readouterr().out
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from formerkit.interp.views import save_html
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = save_html("<p>x</p>", tmp_path / "page.html")  # written through fileio.atomic_write
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # as open() would make it, not mkstemp's 0600

@@ -16,18 +16,23 @@ from typing import Any
 
 from formerkit.errors import CheckpointError
 
+_UMASK = os.umask(0o022)  # read the process's umask (only settable), then put it back
+os.umask(_UMASK)
+
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``; return nothing.
 
     The file is flushed to disk before the rename. A crash at any moment leaves either the
-    old file or the new one, never a partial file.
+    old file or the new one, never a partial file. The file gets the permissions a plain
+    ``open`` would give it under the process's umask.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # the permissions open() would give, not mkstemp's private 0600
     try:
         write(tmp)
         with open(tmp, "rb+") as fh:

@@ -48,7 +48,8 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def _cell(text: str, shade: float) -> str:
-    return f'<td style="background: rgba(0,128,0,{shade:.2f})">{html.escape(repr(text)[1:-1])}</td>'
+    ink = "color:#fff;" if shade > 0.6 else ""
+    return f'<td style="{ink}background: rgba(0,128,0,{shade:.2f})">{html.escape(repr(text)[1:-1])}</td>'
 
 
 def _predictions(logits: torch.Tensor, tokenizer, k: int = 5) -> str:
