@@ -11,6 +11,7 @@ from formerkit.generate import generate
 from formerkit.generate.jacobi import jacobi_generate
 
 VOCAB = 40
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest on a busy CPU
 GENERATING = ["vaswani-base", "gpt2", "bart-base", "t5-small", "t5-v1.1-small", "llama"]
 
 

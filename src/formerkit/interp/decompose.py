@@ -20,6 +20,7 @@ from formerkit.interp.resid import (
     apply_slice,
     decompose_resid,
     dense_weight,
+    finish_stack,
     output_bias,
     stack_head_results,
 )
@@ -51,19 +52,7 @@ def stack_neuron_results(cache: ActivationCache, layer: int | None = -1, pos_sli
     kept = apply_slice(torch.arange(d_ff), neuron_slice, 0).reshape(-1).tolist()
     parts = [apply_slice(neuron_results(cache, i, kept), pos_slice, -3).movedim(-2, 0) for i in range(layer)]
     labels = [f"L{i}N{n}" for i in range(layer) for n in kept]
-    if incl_remainder:
-        entering = (f"blocks.{layer}.hook_resid_mid" if mlp_input else
-                    f"blocks.{layer - 1}.hook_resid_post" if layer else "blocks.0.hook_resid_pre")
-        stream = apply_slice(cache[entering], pos_slice, -2)
-        parts.append((stream - sum(p.sum(0) for p in parts))[None])
-        labels.append("remainder")
-    if parts:
-        out = torch.cat(parts)
-    else:
-        embed = apply_slice(cache["hook_embed"], pos_slice, -2)
-        out = embed.new_zeros(0, *embed.shape)
-    if apply_ln:
-        out = apply_ln_to_stack(cache, out, layer, mlp_input, pos_slice)
+    out = finish_stack(cache, parts, labels, layer, incl_remainder, apply_ln, mlp_input, pos_slice)
     return (out, labels) if return_labels else out
 
 

@@ -185,19 +185,29 @@ def stack_head_results(cache: ActivationCache, layer: int | None = -1, return_la
     layer = _final_layer(cache, layer)
     parts = [apply_slice(head_results(cache, i), pos_slice, -3).movedim(-2, 0) for i in range(layer)]
     labels = [f"L{i}H{h}" for i in range(layer) for h in range(parts[0].shape[0] if parts else 0)]
+    out = finish_stack(cache, parts, labels, layer, incl_remainder, apply_ln, False, pos_slice)
+    return (out, labels) if return_labels else out
+
+
+def finish_stack(cache: ActivationCache, parts: list[torch.Tensor], labels: list[str], layer: int,
+                 incl_remainder: bool, apply_ln: bool, mlp_input: bool, pos_slice: SliceInput) -> torch.Tensor:
+    """Concatenate per-layer component stacks (each (n, [batch,] pos, d_model)) into one; returns it.
+
+    ``incl_remainder`` appends (and labels) the rest of the stream entering ``layer`` (its MLP with
+    ``mlp_input``); ``apply_ln`` divides by the cached norm scale there. No parts: an empty stack.
+    """
     if incl_remainder:
-        entering = f"blocks.{layer - 1}.hook_resid_post" if layer else "blocks.0.hook_resid_pre"
+        entering = (f"blocks.{layer}.hook_resid_mid" if mlp_input else
+                    f"blocks.{layer - 1}.hook_resid_post" if layer else "blocks.0.hook_resid_pre")
         stream = apply_slice(cache[entering], pos_slice, -2)
-        parts.append((stream - sum(p.sum(0) for p in parts))[None])
+        parts = [*parts, (stream - sum(p.sum(0) for p in parts))[None]]
         labels.append("remainder")
     if parts:
         out = torch.cat(parts)
     else:
         embed = apply_slice(cache["hook_embed"], pos_slice, -2)
         out = embed.new_zeros(0, *embed.shape)
-    if apply_ln:
-        out = apply_ln_to_stack(cache, out, layer, pos_slice=pos_slice)
-    return (out, labels) if return_labels else out
+    return apply_ln_to_stack(cache, out, layer, mlp_input, pos_slice) if apply_ln else out
 
 
 def apply_ln_to_stack(cache: ActivationCache, residual_stack: torch.Tensor, layer: int | None = None,
