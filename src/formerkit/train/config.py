@@ -65,7 +65,7 @@ class TrainSection:
                                   "scaling)")
     compile: bool = _opt(False, "torch.compile the model")
     attention: str = _opt("auto", "auto (time the fused sdpa kernel against explicit attention at start-up, take the "
-                                  "faster; the same numbers) | sdpa | eager")
+                                  "faster; the same numbers to rounding) | sdpa | eager")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     seed: int = _opt(0, "seed for initialization, data order, dropout and masking")
     mlm_probability: float = _opt(0.15, "share of tokens masked for objective=mlm (80% mask, 10% random, 10% kept)")
@@ -91,7 +91,7 @@ class OptimSection:
     schedule_restart: bool = _opt(False, "resuming with another train.steps: start a new warmup + decay at the "
                                          "resume step (without it, changing the steps of a cosine run is an error)")
     kernel: str = _opt("auto", "auto (time fused against foreach AdamW at start-up, take the faster; the same "
-                               "update) | fused | foreach")
+                               "update to rounding) | fused | foreach")
 
 
 @dataclass

@@ -1,7 +1,10 @@
 """Speed choices a training run measures at start-up: the attention kernel and the AdamW implementation.
 
-Both alternatives compute the same numbers (attention: to 1e-5, tested; AdamW: the same update),
-so the faster one can be taken wherever it is faster, and which one is depends on the machine:
+Both alternatives compute the same numbers to rounding (attention: to 1e-5, tested; AdamW: the
+same update up to a last bit now and then), so the faster one can be taken wherever it is faster,
+and which one is depends on the machine. Not bit for bit, though: two fresh runs that time
+differently may choose differently and part in the last bits (a resumed run reuses its choices);
+fix ``train.attention`` and ``optim.kernel`` for runs that must match bit for bit.
 
 - attention: PyTorch's fused ``scaled_dot_product_attention`` kernel, or the model's explicit
   path (``q @ k^T``, softmax, ``@ v``), which stores the (B, H, T, T) probabilities and so only
