@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import formerkit as fk
 from conftest import load_script, require
-from formerkit.embed import plan_batches
+from formerkit.embed import MIN_FILL, plan_batches
 from formerkit.heads import pool
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -59,12 +59,14 @@ def test_plan_covers_every_text_once_within_the_budget(max_tokens, batch_size):
         width = max(lengths[i] for i in batch)
         assert len(batch) == 1 or len(batch) * width <= max_tokens
         assert batch_size is None or len(batch) <= batch_size
+        assert min(lengths[i] for i in batch) >= MIN_FILL * width  # little padding in any batch
     flat = [lengths[i] for b in batches for i in b]
     assert flat == sorted(lengths, reverse=True)  # longest first: similar lengths share a batch
     # greedy: adding the next text to any batch would have broken a limit
-    for batch in batches[:-1]:
+    for batch, after in zip(batches[:-1], batches[1:], strict=True):
         full = batch_size is not None and len(batch) == batch_size
-        assert full or (len(batch) + 1) * max(lengths[i] for i in batch) > max_tokens
+        width, next_length = max(lengths[i] for i in batch), lengths[after[0]]
+        assert full or (len(batch) + 1) * width > max_tokens or next_length < MIN_FILL * width
 
 
 def test_plan_of_nothing_is_empty():

@@ -16,8 +16,9 @@ from formerkit.heads import pool
 from formerkit.model import Transformer, _run_stack
 from formerkit.tokenizers import Tokenizer
 
-MAX_TOKENS = 8192  # default tokens per batch, padding included (not yet swept: embed_throughput.py --sweep)
+MAX_TOKENS = 2048  # default tokens per batch, padding included (swept: embed_throughput.py --sweep; docs/embeddings.md)
 CHUNK = 4096  # texts tokenized and sorted together; bounds the memory of the padded ids
+MIN_FILL = 0.9  # a text shorter than this share of its batch's longest starts a new batch
 
 
 def plan_batches(lengths: list[int], max_tokens: int, batch_size: int | None = None) -> list[list[int]]:
@@ -25,14 +26,16 @@ def plan_batches(lengths: list[int], max_tokens: int, batch_size: int | None = N
 
     Indices are sorted by ``lengths`` (longest first) and cut so that each batch's size times
     its longest length stays within ``max_tokens`` (a single text longer than that gets a batch
-    of its own) and, when ``batch_size`` is given, holds at most that many texts. Returns the
-    batches as lists of indices into ``lengths``.
+    of its own), no text is shorter than ``MIN_FILL`` of its batch's longest (little padding),
+    and, when ``batch_size`` is given, each holds at most that many texts. Returns the batches
+    as lists of indices into ``lengths``.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     for i in order:
         # sorted longest first: the batch's first text sets its padded width
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens and (
+        width = lengths[batches[-1][0]] if batches else 0
+        if batches and (len(batches[-1]) + 1) * width <= max_tokens and lengths[i] >= MIN_FILL * width and (
                 batch_size is None or len(batches[-1]) < batch_size):
             batches[-1].append(i)
         else:
