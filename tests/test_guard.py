@@ -81,9 +81,10 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path):
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     logged = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
-    in_tensorboard = [step for step, _ in _scalars(run / "tensorboard")["train/loss"]]
+    in_tensorboard = [step for step, _ in _scalars(run / "tensorboard").get("train/loss", [])]  # none yet: []
     # TensorBoard keeps the logged steps in order, short of at most the last two: on a loaded machine one run
-    # held steps 1-2 of the 1-4 in metrics.jsonl (why step 3 was lost despite its flush is not yet known)
+    # held steps 1-2 of the 1-4 in metrics.jsonl, and one held none of 1-2 (why steps are lost despite the
+    # writer's flush is not yet known)
     assert len(logged) >= 2 and in_tensorboard == logged[: len(in_tensorboard)]
     assert len(in_tensorboard) >= len(logged) - 2
     assert json.loads((run / LOCK_FILE).read_text())["pid"] == victim.pid  # the file stays; the lock does not
