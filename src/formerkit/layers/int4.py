@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from formerkit.errors import InputError
-from formerkit.layers.quantized import CHUNK_ELEMENTS, swap_linears
+from formerkit.layers.quantized import CHUNK_ELEMENTS, input_rows, swap_linears
 
 GROUP_SIZES = (32, 64, 128)
 PACK_MAX_ROWS = 128  # above this many bf16 rows, dequantize + a float32 GEMM beats the int4 kernel (measured)
@@ -179,13 +179,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map x (..., in_features) of a float dtype to (..., out_features) in the same dtype."""
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            kind = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise InputError(f"Int4Linear takes floating-point activations, got {kind}")
-        if x.shape[-1] != self.in_features:
-            raise InputError(f"Int4Linear expects inputs with {self.in_features} features in the last dimension, "
-                             f"got shape {tuple(x.shape)}")
-        rows = x.reshape(-1, self.in_features).contiguous()  # (N, in)
+        rows = input_rows(x, self.in_features, "Int4Linear")  # (N, in)
         if self._use_kernel(rows):
             packed, scale_zeros = self._kernel_weights(rows.dtype)
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, self.group_size, scale_zeros)  # (N, out)

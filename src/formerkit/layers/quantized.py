@@ -50,6 +50,20 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def input_rows(x: object, in_features: int, layer: str) -> torch.Tensor:
+    """A quantized layer's input x (..., in_features) as contiguous rows (N, in_features), checked first.
+
+    InputError naming ``layer`` for a non-float input or a wrong last dimension.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        kind = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise InputError(f"{layer} takes floating-point activations, got {kind}")
+    if x.shape[-1] != in_features:
+        raise InputError(f"{layer} expects inputs with {in_features} features in the last dimension, "
+                         f"got shape {tuple(x.shape)}")
+    return x.reshape(-1, in_features).contiguous()
+
+
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights and per-output-channel scales: y = (x @ W_int8^T) * scale + bias."""
 
@@ -99,13 +113,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map x (..., in_features) of a float dtype to (..., out_features) in the same dtype."""
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            kind = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise InputError(f"Int8Linear takes floating-point activations, got {kind}")
-        if x.shape[-1] != self.in_features:
-            raise InputError(f"Int8Linear expects inputs with {self.in_features} features in the last dimension, "
-                             f"got shape {tuple(x.shape)}")
-        rows = x.reshape(-1, self.in_features).contiguous()  # (N, in)
+        rows = input_rows(x, self.in_features, "Int8Linear")  # (N, in)
         if self._use_fused_kernel(rows):
             out = torch._weight_int8pack_mm(rows, self.weight, self.scale.to(rows.dtype))  # (N, out)
             if self.bias is not None:
