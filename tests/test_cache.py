@@ -20,6 +20,8 @@ DECODERS = {
     "mqa-qknorm": {"preset": "llama", "n_kv_heads": 1, "qk_norm": True},
     "sliding": {"preset": "llama", "sliding_window": 3},
     "parallel-post": {"parallel_block": True},
+    "linear": {"preset": "llama", "attn_type": "linear"},
+    "clipped-gated": {"preset": "llama", "attn_type": "clipped", "attn_gate": True},
 }
 
 
@@ -62,7 +64,7 @@ def test_cached_equals_uncached(name):
     assert (_decode_stepwise(model, ids, chunks=(3, 4)) - full).abs().max() < TOL
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "alibi", "sliding", "sinusoidal"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "alibi", "sliding", "sinusoidal", "linear"])
 def test_left_padded_cached_rows_equal_unpadded(name):
     model = _decoder(name)
     g = torch.Generator().manual_seed(2)

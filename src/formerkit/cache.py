@@ -66,6 +66,47 @@ class LayerKV(nn.Module):
             return k, v
         return (self.k, self.v) if width == self.k.shape[2] else (self.k[:, :, :width], self.v[:, :, :width])
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Reorder the batch rows by ``index`` (B,)."""
+        self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
+class LinearKV(nn.Module):
+    """The running state of one linear-attention layer: sums of ``phi(k) v^T`` (B, H, D, D) and ``phi(k)`` (B, H, D)
+    over the tokens seen so far; its size does not grow with their number."""
+
+    def __init__(self, batch_size: int, n_heads: int, d_head: int, dtype: torch.dtype,
+                 device: torch.device | None, write: _Write) -> None:
+        super().__init__()
+        self.register_buffer("kv_sum", torch.zeros(batch_size, n_heads, d_head, d_head, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("k_sum", torch.zeros(batch_size, n_heads, d_head, dtype=dtype, device=device),
+                             persistent=False)
+        self._write = write
+
+    @property
+    def attends_window(self) -> bool:
+        """Whether this pass's mask spans the cache window (the new tokens' columns are ``slots``)."""
+        return self._write.width > 0
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """The slots (T,) of this pass's tokens."""
+        return self._write.slots
+
+    def store(self, kv_sum: torch.Tensor, k_sum: torch.Tensor) -> None:
+        """Replace the state by the sums after this pass's tokens (kept in the buffers' dtype)."""
+        self.kv_sum, self.k_sum = kv_sum.to(self.kv_sum.dtype), k_sum.to(self.k_sum.dtype)
+
+    def clear(self) -> None:
+        """Forget every token (a zero state)."""
+        self.kv_sum.zero_()
+        self.k_sum.zero_()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Reorder the batch rows by ``index`` (B,)."""
+        self.kv_sum, self.k_sum = self.kv_sum.index_select(0, index), self.k_sum.index_select(0, index)
+
 
 class CrossKV:
     """Cross-attention keys and values of one decoder layer, computed from the encoder output once."""
@@ -83,14 +124,16 @@ class KVCache(nn.Module):
 
     def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int | list[int], d_head: int, *,
                  cross: bool, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
-                 window_step: int | None = None) -> None:
+                 window_step: int | None = None, linear_heads: int | None = None) -> None:
         super().__init__()
         self.batch_size, self.max_len = batch_size, max_len
         self.window_step = window_step  # None: attend over the whole buffer
         self._write = _Write()
         heads = n_kv_heads if isinstance(n_kv_heads, list) else [n_kv_heads] * n_layers  # per layer (pruned models)
-        self.layers = nn.ModuleList(LayerKV(batch_size, max_len, kv, d_head, dtype, device, self._write)
-                                    for kv in heads)
+        self.linear = linear_heads is not None  # linear attention: a running state per layer, not keys and values
+        self.layers = nn.ModuleList(
+            LinearKV(batch_size, linear_heads, d_head, dtype, device, self._write) if self.linear
+            else LayerKV(batch_size, max_len, kv, d_head, dtype, device, self._write) for kv in heads)
         self.cross = [CrossKV() for _ in range(n_layers)] if cross else None
         self.register_buffer("positions", torch.zeros(batch_size, max_len, dtype=torch.long, device=device),
                              persistent=False)  # (B, L) the position of the token in each slot
@@ -119,7 +162,8 @@ class KVCache(nn.Module):
         sizes = cfg.decoder_config()  # the decoder's heads (an encoder-decoder's may differ from its encoder's)
         return cls(n_layers, batch_size, max_len or cfg.max_seq_len, sizes.kv_heads, sizes.head_dim,
                    cross=cfg.kind == "encoder-decoder", dtype=dtype or weight.dtype, device=weight.device,
-                   window_step=CPU_WINDOW_STEP if weight.device.type == "cpu" else None)
+                   window_step=CPU_WINDOW_STEP if weight.device.type == "cpu" else None,
+                   linear_heads=sizes.n_heads if cfg.attn_type == "linear" else None)
 
     def claim(self, batch_size: int, new_tokens: int) -> torch.Tensor:
         """Choose the slots (new_tokens,) of the next ``new_tokens`` tokens, for every layer of this pass.
@@ -165,6 +209,12 @@ class KVCache(nn.Module):
         """Keep the first ``length`` cached tokens and forget the rest (later writes overwrite them)."""
         if not 0 <= length <= self.length:
             raise InputError(f"truncate keeps between 0 and {self.length} cached tokens, got {length}")
+        if self.linear and 0 < length < self.length:
+            raise InputError("linear attention sums its tokens into one running state, which cannot drop the last "
+                             "ones; decoding that rewinds the cache (speculative, Jacobi) needs softmax attention")
+        if self.linear and length == 0:
+            for layer in self.layers:
+                layer.clear()
         self.cursor.fill_(length)
         self.length = length
 
@@ -179,7 +229,7 @@ class KVCache(nn.Module):
     def reorder(self, index: torch.Tensor) -> None:
         """Reorder the batch rows by ``index`` (B,), as beam search does when beams are reselected."""
         for layer in self.layers:
-            layer.k, layer.v = layer.k.index_select(0, index), layer.v.index_select(0, index)
+            layer.reorder(index)
         self.positions, self.key_mask = self.positions.index_select(0, index), self.key_mask.index_select(0, index)
         if self.memory is not None:
             self.memory = self.memory.index_select(0, index)

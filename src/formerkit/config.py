@@ -27,6 +27,8 @@ Activation = Literal["relu", "gelu", "gelu_tanh", "silu"]
 Head = Literal["lm", "mlm", "classifier", "none"]
 Pooling = Literal["mean", "cls", "last", "max"]
 AttnBackend = Literal["sdpa", "eager"]
+AttnType = Literal["softmax", "clipped", "linear", "lowrank"]
+LinearFeature = Literal["elu", "identity"]
 
 
 LAYER_SIZES = ("n_heads", "n_kv_heads", "d_ff")  # the sizes that may be per-layer lists
@@ -114,6 +116,13 @@ class ModelConfig:
     lm_head_bias: bool = False  # a bias on the LM head's logits (BART's final_logits_bias)
     lm_head_scale: bool = False  # multiply final hidden states by d_model ** -0.5 before the LM head (T5)
     attn_backend: AttnBackend = "sdpa"
+    # attention variants (docs/efficiency.md): clipped softmax, linear (kernelised) and low-rank (Linformer)
+    attn_type: AttnType = "softmax"
+    clip_gamma: float = -0.03  # attn_type="clipped": probabilities clip((zeta - gamma) * softmax + gamma, 0, 1)
+    clip_zeta: float = 1.0
+    attn_gate: bool = False  # a sigmoid gate per head and token on each head's output (gated attention)
+    linear_feature: LinearFeature = "elu"  # attn_type="linear": elu(x) + 1, normalised; identity: unnormalised
+    lowrank_k: int = 64  # attn_type="lowrank": keys and values projected along the sequence to this many rows
     init_std: float = 0.02
 
     # images (Vision Transformer): a model with a patch_size reads pixel_values (B, C, H, W), not token ids
@@ -297,7 +306,8 @@ def _validate(cfg: ModelConfig) -> None:
     for name, literal in [
         ("kind", Kind), ("position", Position), ("norm", Norm),
         ("norm_placement", NormPlacement), ("activation", Activation), ("head", Head),
-        ("pooling", Pooling), ("attn_backend", AttnBackend),
+        ("pooling", Pooling), ("attn_backend", AttnBackend), ("attn_type", AttnType),
+        ("linear_feature", LinearFeature),
     ]:
         _choice(cfg, name, literal)
     for name in ["vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "num_labels"]:
@@ -314,6 +324,7 @@ def _validate(cfg: ModelConfig) -> None:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ConfigError(f"{name} must be a positive integer or null, got {value!r}")
     _validate_layer_sizes(cfg)
+    _validate_attention_variant(cfg)
     if not isinstance(cfg.type_vocab_size, int) or isinstance(cfg.type_vocab_size, bool) or cfg.type_vocab_size < 0:
         raise ConfigError(f"type_vocab_size must be an integer >= 0, got {cfg.type_vocab_size!r}")
     for name in ["rope_theta", "rotary_fraction", "norm_eps", "attn_dropout", "resid_dropout", "embed_dropout",
@@ -382,6 +393,28 @@ def _validate(cfg: ModelConfig) -> None:
     _validate_positions_and_decoding(cfg)
     _validate_decoder_sizes(cfg)
     _validate_label_names(cfg)
+
+
+def _validate_attention_variant(cfg: ModelConfig) -> None:
+    """attn_type and its parameters: the clipped softmax's range; the positions and kinds linear and low-rank take."""
+    for name in ["clip_gamma", "clip_zeta"]:
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if cfg.attn_type == "clipped" and not (cfg.clip_gamma <= 0 and cfg.clip_zeta >= 1):
+        raise ConfigError(f"clipped softmax needs clip_gamma <= 0 and clip_zeta >= 1, got clip_gamma={cfg.clip_gamma}, "
+                          f"clip_zeta={cfg.clip_zeta} (gamma=0, zeta=1 is the plain softmax)")
+    if cfg.attn_type in ("linear", "lowrank") and cfg.position in ("alibi", "relative"):
+        raise ConfigError(f"attn_type={cfg.attn_type!r} has no score matrix to add a position={cfg.position!r} bias "
+                          "to; use position rope, learned, sinusoidal or none")
+    if cfg.attn_type == "linear" and cfg.sliding_window is not None:
+        raise ConfigError("attn_type='linear' keeps one running state, not a window; set sliding_window to null")
+    if cfg.attn_type == "lowrank":
+        if cfg.kind != "encoder":
+            raise ConfigError(f"attn_type='lowrank' (Linformer) projects the whole sequence, so it serves encoders "
+                              f"only, got kind={cfg.kind!r}; use attn_type='linear' for a causal model")
+        if not isinstance(cfg.lowrank_k, int) or isinstance(cfg.lowrank_k, bool) or cfg.lowrank_k <= 0:
+            raise ConfigError(f"lowrank_k must be a positive integer, got {cfg.lowrank_k!r}")
 
 
 def _validate_layer_sizes(cfg: ModelConfig) -> None:

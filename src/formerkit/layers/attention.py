@@ -5,6 +5,11 @@ backend materializes the scores and probabilities so ``hook_attn_scores`` and ``
 can see them. A layer switches to eager on its own while either of them has a hook registered.
 ``hook_result`` (each head's share of the output, (B, T, H, d_model)) is computed only while it
 has a hook: the output projection then runs once per head.
+
+Variants (``ModelConfig.attn_type``, ``attn_gate``; tensor code in ``attention_variants``): clipped
+softmax (always eager), linear attention (self-attention; a ``LinearKV`` cache entry holds its running
+state), low-rank projection of keys and values (encoder self-attention), and a sigmoid gate per head
+(``hook_gate``, (B, T, H)) on each head's output before the output projection.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formerkit.cache import CrossKV, LayerKV
+from formerkit.cache import CrossKV, LayerKV, LinearKV
+from formerkit.errors import InputError
+from formerkit.layers import attention_variants as variants
 from formerkit.layers.hooks import HookPoint
 from formerkit.layers.linear import Linear
 from formerkit.layers.norm import build_norm
@@ -41,7 +48,13 @@ class Attention(nn.Module):
         qk_norm: tuple[str, float, bool] | None = None,
         cross: bool = False,
         backend: str = "sdpa",
+        clip: tuple[float, float] | None = None,
+        gate: bool = False,
+        linear: str | None = None,
+        lowrank: tuple[int, int] | None = None,
     ) -> None:
+        """clip: clipped softmax's (gamma, zeta); gate: a sigmoid gate per head; linear: the feature map of
+        linear attention ("elu" or "identity"); lowrank: Linformer's (k, max_len) sequence projections."""
         super().__init__()
         self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_head
         self.dropout = dropout
@@ -64,6 +77,15 @@ class Attention(nn.Module):
         self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
         self.hook_attn_scores, self.hook_pattern, self.hook_z = HookPoint(), HookPoint(), HookPoint()
         self.hook_result = HookPoint()
+        self.clip, self.linear = clip, linear
+        self.gate = Linear(d_model, n_heads, bias=True) if gate else None
+        self.hook_gate = HookPoint() if gate else None  # the gate's logits (B, T, H)
+        if lowrank is not None:
+            rows, max_len = lowrank
+            self.proj_k = nn.Parameter(nn.init.xavier_normal_(torch.empty(rows, max_len)))  # (k, max_len)
+            self.proj_v = nn.Parameter(nn.init.xavier_normal_(torch.empty(rows, max_len)))
+        else:
+            self.proj_k = self.proj_v = None
 
     def forward(
         self,
@@ -110,11 +132,15 @@ class Attention(nn.Module):
                     q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
                 q, k = self.hook_rot_q(q), self.hook_rot_k(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T, D)
-            if isinstance(cache, LayerKV):
+            if isinstance(cache, LayerKV) and self.linear is None:
                 k, v = cache.update(k, v)  # (B, KV, S, D): the whole static buffer, or the new keys alone
         if bias is not None and bias.dtype != q.dtype:
             bias = bias.to(q.dtype).clamp(min=torch.finfo(q.dtype).min)
-        if self.backend == "eager" or self.hook_pattern.active or self.hook_attn_scores.active:
+        if self.linear is not None and not self.cross:
+            z = self._linear(q, k, v, bias, is_causal, cache)
+        elif self.proj_k is not None and not self.cross:
+            z = self._lowrank(q, k, v, bias)
+        elif self.backend == "eager" or self.clip or self.hook_pattern.active or self.hook_attn_scores.active:
             z = self._eager(q, k, v, bias, is_causal)
         else:
             z = F.scaled_dot_product_attention(
@@ -125,7 +151,10 @@ class Attention(nn.Module):
                 scale=self.scale,
                 enable_gqa=KV != H,
             )  # (B, H, T, D)
-        z = self.hook_z(z.transpose(1, 2))  # (B, T, H, D)
+        z = z.transpose(1, 2)  # (B, T, H, D)
+        if self.gate is not None:
+            z = z * torch.sigmoid(self.hook_gate(self.gate(x))).unsqueeze(-1).to(z.dtype)  # gate (B, T, H)
+        z = self.hook_z(z)
         if self.hook_result.active:
             return self._per_head_output(z)
         return self.out(z.reshape(B, T, H * D))
@@ -173,6 +202,74 @@ class Attention(nn.Module):
             future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1)
             scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
         scores = self.hook_attn_scores(scores)  # (B, H, T, S), masked entries at float32's minimum
-        pattern = self.hook_pattern(scores.softmax(dim=-1).to(v.dtype))
+        probs = variants.clipped_softmax(scores, *self.clip) if self.clip else scores.softmax(dim=-1)
+        pattern = self.hook_pattern(probs.to(v.dtype))
         pattern = F.dropout(pattern, self.dropout, self.training)
         return pattern @ v  # (B, H, T, D)
+
+    def _grouped(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, KV, S, D) repeated to one per query head (B, H, S, D)."""
+        group = self.n_heads // self.n_kv_heads
+        return (k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)) if group > 1 else (k, v)
+
+    def _linear(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                is_causal: bool, cache: LayerKV | None) -> torch.Tensor:
+        """Linear attention of q (B, H, T, D) over k, v (B, KV, T, D); returns z (B, H, T, D).
+
+        Without a mask it runs in linear time; a mask (padding, or a cached pass) is applied to the
+        written-out weights, which ``hook_pattern`` then sees. A ``LinearKV`` cache adds the running
+        state of earlier tokens and takes the new tokens' keys into it.
+        """
+        normalize = self.linear == "elu"
+        q, k = variants.feature_map(q, self.linear), variants.feature_map(k, self.linear)
+        k, v = self._grouped(k, v)
+        if isinstance(cache, LayerKV):
+            raise InputError("a linear-attention layer keeps a running state, not keys and values; allocate the "
+                             "cache with KVCache.for_model(model, ...)")
+        allowed = None
+        if bias is not None:  # (B|1, 1|H, T, S) with S = the keys of this pass, or of the cache window
+            allowed = bias > torch.finfo(bias.dtype).min / 2
+            if isinstance(cache, LinearKV) and cache.attends_window:
+                allowed = allowed.index_select(-1, cache.slots)  # the new tokens' own columns (.., T, T)
+        if isinstance(cache, LinearKV):
+            return self._linear_cached(q, k, v, allowed, normalize, cache)
+        if allowed is None and not self.hook_pattern.active:
+            return variants.linear_attention(q, k, v, causal=is_causal, normalize=normalize)[0]
+        pattern = self.hook_pattern(variants.linear_pattern(q, k, allowed, is_causal, normalize))
+        return pattern @ v
+
+    @staticmethod
+    def _linear_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+                       normalize: bool, cache: LinearKV) -> torch.Tensor:
+        """Causal linear attention of new feature-mapped q, k (B, H, T, D), v (B, H, T, D) after the cached state.
+
+        ``allowed`` (B|1, 1, T, T): which new keys each new query may read (causal and padding), or None for all
+        earlier ones; a key its own query may not read is padding and stays out of the state, which is
+        updated. Returns z (B, H, T, D).
+        """
+        state = (cache.kv_sum.to(q.dtype), cache.k_sum.to(q.dtype))
+        if allowed is None:
+            z, state = variants.linear_attention(q, k, v, causal=True, normalize=normalize, state=state)
+            cache.store(*state)
+            return z
+        weights = variants.linear_pattern(q, k, allowed, causal=False, normalize=False)  # (B, H, T, T)
+        num = weights @ v + q @ state[0]  # (B, H, T, D)
+        den = weights.sum(dim=-1, keepdim=True) + q @ state[1].unsqueeze(-1)  # (B, H, T, 1)
+        real = k * allowed.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # (B, H, T, D): padding keys zeroed
+        cache.store(state[0] + real.transpose(-1, -2) @ v, state[1] + real.sum(dim=2))
+        return num / (den + variants.LINEAR_EPS) if normalize else num
+
+    def _lowrank(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Linformer attention: q (B, H, T, D) over keys and values (B, KV, S, D) projected along the sequence
+        to ``k`` rows (padding keys zeroed first); returns z (B, H, T, D)."""
+        S = k.shape[2]
+        if S > self.proj_k.shape[1]:
+            raise InputError(f"low-rank attention projects at most {self.proj_k.shape[1]} keys (max_seq_len), got {S}")
+        if bias is not None:  # a key is real where some query may attend to it
+            real = (bias > torch.finfo(bias.dtype).min / 2).any(dim=-2).unsqueeze(-1)  # (B|1, 1, S, 1)
+            k, v = k * real, v * real
+        k, v = variants.project_sequence(k, self.proj_k), variants.project_sequence(v, self.proj_v)  # (B, KV, k, D)
+        if self.backend == "eager" or self.clip or self.hook_pattern.active or self.hook_attn_scores.active:
+            return self._eager(q, k, v, None, False)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                              scale=self.scale, enable_gqa=self.n_kv_heads != self.n_heads)

@@ -34,6 +34,10 @@ class Block(nn.Module):
                 scale=cfg.attn_scale,
                 qk_norm=(cfg.norm, cfg.norm_eps, cfg.norm_bias) if cfg.qk_norm else None,
                 cross=is_cross, backend=cfg.attn_backend,
+                clip=(cfg.clip_gamma, cfg.clip_zeta) if cfg.attn_type == "clipped" else None,
+                gate=cfg.attn_gate,
+                linear=cfg.linear_feature if cfg.attn_type == "linear" and not is_cross else None,
+                lowrank=(cfg.lowrank_k, cfg.max_seq_len) if cfg.attn_type == "lowrank" and not is_cross else None,
             )
 
         self.ln1 = norm()
