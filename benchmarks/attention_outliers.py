@@ -15,51 +15,26 @@ and with int8 weights and activations (W8A8), i.e. the quantisation gap.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import sysconfig
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-import formerkit as fk
-from formerkit.compress.act_quant import activation_outliers, calibrate_activation_ranges, quantized_activations
-from formerkit.data import eval_batches, load_corpus, resolve_source
-from formerkit.hardware import describe_machine
-from formerkit.tokenizers import ByteTokenizer
-from formerkit.train import TrainConfig, train
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import formerkit as fk  # noqa: E402
+from formerkit.compress.act_quant import (  # noqa: E402
+    activation_outliers,
+    calibrate_activation_ranges,
+    quantized_activations,
+)
+from formerkit.hardware import describe_machine  # noqa: E402
+from small_runs import held_out_loss, train_small, windows  # noqa: E402
 
 VARIANTS = {"softmax": [], "clipped": ["--model.attn_type", "clipped"], "gated": ["--model.attn_gate", "true"]}
 FULL = dict(layers=4, d_model=128, heads=4, seq_len=128, batch=16, package="email", eval_batches=8)
 QUICK = dict(layers=1, d_model=32, heads=2, seq_len=32, batch=4, package="json", eval_batches=2)
-
-
-def train_variant(name: str, shape: dict, steps: int, source: str, work: Path) -> fk.Transformer:
-    """Train the model with attention variant ``name`` by ``formerkit.train`` (quietly); return it in eval mode."""
-    args = ["--model.preset", "llama", "--model.n_layers", str(shape["layers"]), "--model.d_model",
-            str(shape["d_model"]), "--model.n_heads", str(shape["heads"]), "--model.d_ff", str(shape["d_model"] * 3),
-            "--model.max_seq_len", str(shape["seq_len"]), *VARIANTS[name],
-            "--data.source", source, "--data.tokenizer", "byte", "--data.cache_dir", str(work / "cache"),
-            "--train.steps", str(steps), "--train.batch_size", str(shape["batch"]), "--train.seq_len",
-            str(shape["seq_len"]), "--train.precision", "fp32", "--train.seed", "0", "--optim.lr", "3e-3",
-            "--optim.warmup_steps", str(max(1, steps // 20)), "--eval.every", str(steps), "--checkpoint.every",
-            str(steps), "--checkpoint.run_dir", str(work / name), "--log.progress", "false", "--log.samples", "0"]
-    with contextlib.redirect_stdout(io.StringIO()):
-        train(TrainConfig.load(None, args))
-    return fk.from_pretrained(work / name).eval()
-
-
-@torch.no_grad()
-def held_out_loss(model: fk.Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean next-token loss (nats) over (x, y) windows."""
-    total = count = 0.0
-    for x, y in batches:
-        logits = model(x).logits  # (B, T, V)
-        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
-        count += y.numel()
-    return total / count
 
 
 def measure(model: fk.Transformer, calibration: list[torch.Tensor], held_out: list) -> dict[str, float]:
@@ -81,18 +56,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--quick", action="store_true", help="a tiny model and corpus (seconds; for tests)")
     args = parser.parse_args(argv)
     shape = QUICK if args.quick else FULL
-    source = str(Path(sysconfig.get_paths()["stdlib"]) / shape["package"])
     start = time.perf_counter()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        corpus = load_corpus(resolve_source(source), ByteTokenizer(), cache_dir=work / "cache", val_fraction=0.05)
-        held_out = eval_batches(corpus.val, batch_size=shape["batch"], seq_len=shape["seq_len"],
-                                max_batches=shape["eval_batches"])
-        calibration = [x for x, _ in eval_batches(corpus.train, batch_size=shape["batch"], seq_len=shape["seq_len"],
-                                                  max_batches=2)]
+        size = dict(batch=shape["batch"], seq_len=shape["seq_len"])
+        held_out = windows(shape["package"], work, max_batches=shape["eval_batches"], **size)
+        calibration = [x for x, _ in windows(shape["package"], work, max_batches=2, split="train", **size)]
         for name in VARIANTS:
-            results[name] = measure(train_variant(name, shape, args.steps, source, work), calibration, held_out)
+            model = train_small(work / name, shape["package"], layers=shape["layers"], d_model=shape["d_model"],
+                                heads=shape["heads"], steps=args.steps, extra=VARIANTS[name], **size)
+            results[name] = measure(model, calibration, held_out)
     print(describe_machine())
     print(f"{args.steps} steps each, {shape['layers']} layers, d_model {shape['d_model']}; "
           f"{time.perf_counter() - start:.0f} s in all")

@@ -29,6 +29,7 @@ Pooling = Literal["mean", "cls", "last", "max"]
 AttnBackend = Literal["sdpa", "eager"]
 AttnType = Literal["softmax", "clipped", "linear", "lowrank"]
 LinearFeature = Literal["elu", "identity"]
+ExitHead = Literal["shared", "separate"]
 
 
 LAYER_SIZES = ("n_heads", "n_kv_heads", "d_ff")  # the sizes that may be per-layer lists
@@ -123,6 +124,8 @@ class ModelConfig:
     attn_gate: bool = False  # a sigmoid gate per head and token on each head's output (gated attention)
     linear_feature: LinearFeature = "elu"  # attn_type="linear": elu(x) + 1, normalised; identity: unnormalised
     lowrank_k: int = 64  # attn_type="lowrank": keys and values projected along the sequence to this many rows
+    exit_layers: list[int] | None = None  # early exit (decoders): blocks (0-based) after which an exit head reads
+    exit_head: ExitHead = "shared"  # shared: the LM head behind a norm per exit; separate: a projection per exit too
     init_std: float = 0.02
 
     # images (Vision Transformer): a model with a patch_size reads pixel_values (B, C, H, W), not token ids
@@ -138,6 +141,8 @@ class ModelConfig:
             self.label_names = list(self.label_names)
         if isinstance(self.eos_token_id, tuple):
             self.eos_token_id = list(self.eos_token_id)
+        if isinstance(self.exit_layers, tuple):
+            self.exit_layers = list(self.exit_layers)
         _validate(self)
 
     # ---- derived sizes -------------------------------------------------------------
@@ -307,7 +312,7 @@ def _validate(cfg: ModelConfig) -> None:
         ("kind", Kind), ("position", Position), ("norm", Norm),
         ("norm_placement", NormPlacement), ("activation", Activation), ("head", Head),
         ("pooling", Pooling), ("attn_backend", AttnBackend), ("attn_type", AttnType),
-        ("linear_feature", LinearFeature),
+        ("linear_feature", LinearFeature), ("exit_head", ExitHead),
     ]:
         _choice(cfg, name, literal)
     for name in ["vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "num_labels"]:
@@ -325,6 +330,7 @@ def _validate(cfg: ModelConfig) -> None:
             raise ConfigError(f"{name} must be a positive integer or null, got {value!r}")
     _validate_layer_sizes(cfg)
     _validate_attention_variant(cfg)
+    _validate_exits(cfg)
     if not isinstance(cfg.type_vocab_size, int) or isinstance(cfg.type_vocab_size, bool) or cfg.type_vocab_size < 0:
         raise ConfigError(f"type_vocab_size must be an integer >= 0, got {cfg.type_vocab_size!r}")
     for name in ["rope_theta", "rotary_fraction", "norm_eps", "attn_dropout", "resid_dropout", "embed_dropout",
@@ -415,6 +421,21 @@ def _validate_attention_variant(cfg: ModelConfig) -> None:
                               f"only, got kind={cfg.kind!r}; use attn_type='linear' for a causal model")
         if not isinstance(cfg.lowrank_k, int) or isinstance(cfg.lowrank_k, bool) or cfg.lowrank_k <= 0:
             raise ConfigError(f"lowrank_k must be a positive integer, got {cfg.lowrank_k!r}")
+
+
+def _validate_exits(cfg: ModelConfig) -> None:
+    """exit_layers: a decoder with an LM head, distinct block indices below the last block, in increasing order."""
+    layers = cfg.exit_layers
+    if layers is None:
+        return
+    if cfg.kind != "decoder" or cfg.head != "lm" or cfg.patch_size is not None:
+        raise ConfigError(f"early exit (exit_layers) predicts the next token before the last layer, so it needs a "
+                          f"decoder with head='lm', got kind={cfg.kind!r}, head={cfg.head!r}; set exit_layers to null")
+    if not isinstance(layers, list) or not layers or any(not isinstance(i, int) or isinstance(i, bool) for i in layers):
+        raise ConfigError(f"exit_layers must be a non-empty list of block indices, got {layers!r}")
+    if layers != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= cfg.n_layers - 1:
+        raise ConfigError(f"exit_layers={layers} must be distinct increasing block indices from 0 to n_layers - 2 = "
+                          f"{cfg.n_layers - 2} (the last block always exits, through the LM head)")
 
 
 def _validate_layer_sizes(cfg: ModelConfig) -> None:

@@ -13,6 +13,24 @@ from formerkit.layers.norm import build_norm
 IGNORE_INDEX = -100
 
 
+class ExitHeads(nn.Module):
+    """The early exits of a decoder: after each exit layer a norm and either the model's LM head (shared) or a
+    projection of its own (separate) turn the residual stream into next-token logits."""
+
+    def __init__(self, d_model: int, vocab_size: int, n_exits: int, *, separate: bool, norm: tuple[str, float, bool]
+                 ) -> None:
+        super().__init__()
+        kind, eps, bias = norm
+        self.norms = nn.ModuleList(build_norm(kind, d_model, eps, bias) for _ in range(n_exits))
+        self.projs = (nn.ModuleList(Linear(d_model, vocab_size, bias=False) for _ in range(n_exits))
+                      if separate else None)
+
+    def forward(self, index: int, hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        """Logits (B, T, vocab) of exit ``index`` from the stream (B, T, d_model) after its layer."""
+        normed = self.norms[index](hidden)
+        return self.projs[index](normed) if self.projs is not None else lm_head(normed)
+
+
 class LMHead(nn.Module):
     """Project hidden states to vocabulary logits.
 

@@ -9,7 +9,8 @@ encoder-decoder model has an ``encoder`` and a ``decoder`` stack with the same l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from formerkit.config import ModelConfig
 from formerkit.errors import InputError
 from formerkit.heads import (
     ClassifierHead,
+    ExitHeads,
     LMHead,
     Pooler,
     causal_lm_loss,
@@ -51,6 +53,7 @@ class ModelOutput:
     loss: scalar when labels were given. hidden_states: the last stack's output (B, T, d_model).
     pooled: (B, d_model) from the pooler or classifier pooling, when there is one.
     encoder_hidden_states: the encoder output of an encoder-decoder model.
+    exit_logits: a decoder with early exits, while training or given labels: each exit's logits (B, T, vocab).
     """
 
     logits: torch.Tensor | None
@@ -58,6 +61,20 @@ class ModelOutput:
     loss: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
     encoder_hidden_states: torch.Tensor | None = None
+    exit_logits: list[torch.Tensor] | None = None
+
+
+@dataclass
+class ExitRun:
+    """The early exits of one pass through a stack: ``layers`` are the blocks with an exit; the stream after
+    each is appended to ``states``. With ``leave`` (decoding), after an exit block ``leave(index, x)`` says
+    whether to stop there: the later blocks then only take keys and values of that stream into their cache,
+    and ``exited`` holds the exit's index."""
+
+    layers: tuple[int, ...]
+    states: list[torch.Tensor] = field(default_factory=list)
+    leave: Callable[[int, torch.Tensor], bool] | None = None
+    exited: int | None = None
 
 
 def _add_stack_modules(owner: nn.Module, cfg: ModelConfig, n_layers: int, *, cross: bool, types: bool) -> None:
@@ -93,8 +110,11 @@ def _run_stack(
     context: torch.Tensor | None = None,
     context_mask: torch.Tensor | None = None,
     cache: KVCache | None = None,
+    exits: ExitRun | None = None,
 ) -> torch.Tensor:
     """Run one stack on token embeddings (B, T, d_model); return its output (B, T, d_model).
+
+    ``exits``: record the stream after the exit layers and, when decoding, leave early (see ExitRun).
 
     ``position_bound``: a number every position is known to be below (RoPE then reads its
     table), or None. With a ``cache`` the tokens extend the cached sequence: ``mask`` then
@@ -140,6 +160,14 @@ def _run_stack(
         x = block(x, rope=rope, bias=bias, is_causal=causal and not whole, context=context,
                   context_bias=context_bias, cache=cache.layers[i] if cache is not None else None,
                   cross_cache=cache.cross[i] if cache is not None and cache.cross is not None else None)
+        if exits is not None and i in exits.layers:
+            exits.states.append(x)
+            if exits.leave is not None and exits.leave(len(exits.states) - 1, x):
+                exits.exited = len(exits.states) - 1
+                for j in range(i + 1, len(owner.blocks)):  # the skipped layers cache keys and values of the exit state
+                    owner.blocks[j].fill_cache(x, rope=rope, bias=bias, is_causal=causal and not whole,
+                                               cache=cache.layers[j] if cache is not None else None)
+                break
     if cache is not None:
         cache.advance(T)
     return owner.ln_final(x) if owner.ln_final is not None else x
@@ -189,6 +217,10 @@ class Transformer(nn.Module):
                                   transform=transform, scale=cfg.d_model**-0.5 if cfg.lm_head_scale else None)
         elif cfg.head == "classifier":
             self.classifier = ClassifierHead(cfg.d_model, cfg.num_labels, cfg.resid_dropout)
+        self.exits = None
+        if cfg.exit_layers:
+            self.exits = ExitHeads(cfg.d_model, cfg.vocab_size, len(cfg.exit_layers),
+                                   separate=cfg.exit_head == "separate", norm=(cfg.norm, cfg.norm_eps, cfg.norm_bias))
         self.apply(self._init_weights)
         for name, param in self.named_parameters():
             if name.endswith(("attn.out.weight", "mlp.fc_out.weight")):
@@ -248,6 +280,29 @@ class Transformer(nn.Module):
                                 position_bound=cache.max_len, cache=cache)
         return self.lm_head(hidden)
 
+    def decode_with_exits(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                          threshold: float) -> tuple[torch.Tensor, int]:
+        """``decode`` for a decoder with early exits: leave at the first exit whose most likely next token has
+        probability >= ``threshold`` in every row (the skipped layers cache keys and values of the exit's
+        stream, so later tokens see a consistent cache), else run every layer.
+
+        Returns the logits (B, T, vocab) of the exit taken (or the LM head's) and the layers run.
+        """
+        cfg = self.config
+        if self.exits is None:
+            raise InputError("this model has no early exits (exit_layers is null); decode with every layer")
+
+        def leave(index: int, x: torch.Tensor) -> bool:
+            confidence = self.exits(index, x[:, -1:], self.lm_head).float().softmax(-1).amax(-1)  # (B, 1)
+            return bool((confidence >= threshold).all())
+
+        run = ExitRun(tuple(cfg.exit_layers), leave=leave)
+        hidden = _run_stack(self, cfg, self._embed_tokens(tokens), causal=True, mask=None, positions=positions,
+                            position_bound=cache.max_len, cache=cache, exits=run)
+        if run.exited is None:
+            return self.lm_head(hidden), cfg.n_layers
+        return self.exits(run.exited, run.states[-1], self.lm_head), cfg.exit_layers[run.exited] + 1
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -303,11 +358,16 @@ class Transformer(nn.Module):
                              f"this is a {cfg.kind}-only model")
         if token_type_ids is not None:
             check_token_types(token_type_ids, input_ids, cfg)
+        with_exits = self.exits is not None and (self.training or labels is not None)
+        exits = ExitRun(tuple(cfg.exit_layers)) if with_exits else None
         hidden = _run_stack(self, cfg, self._embed_tokens(input_ids), causal=cfg.kind == "decoder",
                             mask=attention_mask, positions=positions, position_bound=bound,
-                            token_type_ids=token_type_ids, cache=cache)
+                            token_type_ids=token_type_ids, cache=cache, exits=exits)
         head_mask = attention_mask[:, past:] if attention_mask is not None else None
-        return self._head(hidden, head_mask, labels)
+        out = self._head(hidden, head_mask, labels)
+        if exits is not None:
+            out.exit_logits = [self.exits(i, state, self.lm_head) for i, state in enumerate(exits.states)]
+        return out
 
     def _forward_images(self, pixel_values: torch.Tensor | None, labels: torch.Tensor | None,
                         given: list[str]) -> ModelOutput:

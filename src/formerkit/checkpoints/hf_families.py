@@ -41,11 +41,11 @@ def family_of(cfg: ModelConfig) -> Family:
                   if isinstance(getattr(cfg, name), list)]
         raise ConfigError(f"per-layer sizes ({', '.join(listed)}: a pruned model) have no Hugging Face layout in the "
                           "families formerkit writes; save with format='native' instead")
-    variants = [f"{name}={getattr(cfg, name)!r}" for name, plain in (("attn_type", "softmax"), ("attn_gate", False))
+    variants = [f"{name}={getattr(cfg, name)!r}" for name, plain in (("attn_type", "softmax"), ("attn_gate", False),
+                                                                      ("exit_layers", None))
                 if getattr(cfg, name) != plain]
     if variants:
-        raise ConfigError(f"{', '.join(variants)} (an attention variant) has no Hugging Face layout; "
-                          "save with format='native' instead")
+        raise ConfigError(f"{', '.join(variants)} has no Hugging Face layout; save with format='native' instead")
     family = next((f for f in FAMILIES.values() if _matches(f, cfg)), None)
     if family is None:
         same_kind = [f for f in FAMILIES.values() if f.kind == cfg.kind and f.images == (cfg.patch_size is not None)]

@@ -90,6 +90,15 @@ class Block(nn.Module):
         x = residual(x, self.ln2, self.mlp, self.hook_mlp_out)
         return self.hook_resid_post(x)
 
+    def fill_cache(self, x: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   bias: torch.Tensor | None = None, is_causal: bool = False, cache: LayerKV | None = None) -> None:
+        """Take the keys and values of the stream x (B, T, d_model) into this layer's self-attention cache without
+        running the layer: what a layer skipped by an early exit keeps for later tokens. The attention's
+        output is not used."""
+        if cache is not None:
+            self.attn(x if self.placement == "post" else self.ln1(x), rope=rope, bias=bias, is_causal=is_causal,
+                      cache=cache)
+
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         """Residual dropout while training; nothing to call in eval mode (decoding pays per call)."""
         return self.dropout(x) if self.training and self.dropout.p > 0 else x

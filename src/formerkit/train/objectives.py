@@ -77,9 +77,12 @@ class CausalLM:
         return {"x": x, "y": y}
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Mean next-token cross-entropy of the batch."""
-        logits = model(batch["x"]).logits  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten())
+        """Mean next-token cross-entropy of the batch; while training a model with early exits, the mean of
+        that of the LM head and of every exit (the exits are trained jointly)."""
+        out = model(batch["x"])
+        targets = batch["y"].flatten()
+        heads = [out.logits, *(out.exit_logits or [])]  # each (B, T, V)
+        return sum(F.cross_entropy(logits.flatten(0, 1).float(), targets) for logits in heads) / len(heads)
 
     def tokens(self, batch: Batch) -> int:
         """Tokens the batch trains on."""

@@ -1,0 +1,57 @@
+"""Shared by the efficiency benchmarks: a small Llama-style model trained by formerkit's own trainer on one
+standard-library package (byte tokens), its held-out windows, and the held-out loss."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sysconfig
+from pathlib import Path
+
+import torch
+
+import formerkit as fk
+from formerkit.data import eval_batches, load_corpus, resolve_source
+from formerkit.tokenizers import ByteTokenizer
+from formerkit.train import TrainConfig, train
+
+
+def package_source(package: str) -> str:
+    """The directory of a standard-library package (the embedded corpus' own text)."""
+    return str(Path(sysconfig.get_paths()["stdlib"]) / package)
+
+
+def windows(package: str, work: Path, *, batch: int, seq_len: int, max_batches: int, split: str = "val") -> list:
+    """Fixed (x, y) windows (B, T) of the package's byte tokens, from its held-out ("val") or "train" split."""
+    corpus = load_corpus(resolve_source(package_source(package)), ByteTokenizer(), cache_dir=work / "cache",
+                         val_fraction=0.05)
+    tokens = corpus.val if split == "val" else corpus.train
+    return eval_batches(tokens, batch_size=batch, seq_len=seq_len, max_batches=max_batches)
+
+
+def train_small(run_dir: Path, package: str, *, layers: int, d_model: int, heads: int, seq_len: int, batch: int,
+                steps: int, extra: list[str] = ()) -> fk.Transformer:
+    """Train a Llama-style model (``extra``: more ``--model.*``/``--train.*`` options) with ``formerkit.train``
+    quietly, seed 0, fp32; return it from its run directory in eval mode."""
+    args = ["--model.preset", "llama", "--model.n_layers", str(layers), "--model.d_model", str(d_model),
+            "--model.n_heads", str(heads), "--model.d_ff", str(d_model * 3), "--model.max_seq_len", str(seq_len),
+            "--data.source", package_source(package), "--data.tokenizer", "byte",
+            "--data.cache_dir", str(run_dir.parent / "cache"), "--train.steps", str(steps),
+            "--train.batch_size", str(batch), "--train.seq_len", str(seq_len), "--train.precision", "fp32",
+            "--train.seed", "0", "--optim.lr", "3e-3", "--optim.warmup_steps", str(max(1, steps // 20)),
+            "--eval.every", str(steps), "--checkpoint.every", str(steps), "--checkpoint.run_dir", str(run_dir),
+            "--log.progress", "false", "--log.samples", "0", *extra]
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(TrainConfig.load(None, args))
+    return fk.from_pretrained(run_dir).eval()
+
+
+@torch.no_grad()
+def held_out_loss(model: fk.Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean next-token loss (nats per token) over (x, y) windows."""
+    total = count = 0.0
+    for x, y in batches:
+        logits = model(x).logits  # (B, T, V)
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
+        count += y.numel()
+    return total / count
