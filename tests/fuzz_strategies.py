@@ -29,6 +29,7 @@ SWITCHES: dict[str, st.SearchStrategy] = {  # field -> values of a valid type an
     "attn_type": choices(fk_config.AttnType), "linear_feature": choices(fk_config.LinearFeature),
     "attn_gate": _FLAGS, "lowrank_k": st.integers(1, 8),
     "clip_gamma": st.floats(-0.1, 0.0), "clip_zeta": st.floats(1.0, 1.1),
+    "exit_layers": st.none() | st.just([0]), "exit_head": choices(fk_config.ExitHead),
     "gated": _FLAGS, "qkv_bias": _FLAGS, "out_bias": _FLAGS, "mlp_bias": _FLAGS, "norm_bias": _FLAGS,
     "final_norm": _FLAGS, "tie_embeddings": _FLAGS, "parallel_block": _FLAGS, "qk_norm": _FLAGS,
     "embed_scale": _FLAGS, "embed_norm": _FLAGS, "pooler": _FLAGS, "lm_head_bias": _FLAGS, "lm_head_scale": _FLAGS,
