@@ -26,11 +26,16 @@ def _number(result: dict[str, Any]) -> str:
     return text + "".join(f"; failed: {name}" for name in failed)
 
 
+def _cpu(result: dict[str, Any]) -> str:
+    return f"{result['cpu_seconds']:.0f}" if "cpu_seconds" in result else "not recorded"
+
+
 def _detail(result: dict[str, Any]) -> str:
     rows = result.get("table") or []
+    held = "yes" if result["held"] else "no"
     lines = [f"### {result['name']}", "", f"Claim: {result['claim']}.", "",
-             f"Command: `formerkit repro {result['name']} --seed {result['seed']}` ({result['seconds']:.0f} s on "
-             f"{result['machine']['threads']} threads). Held: **{'yes' if result['held'] else 'no'}**.", ""]
+             f"Command: `formerkit repro {result['name']} --seed {result['seed']}` ({result['seconds']:.0f} s wall "
+             f"clock, {_cpu(result)} s CPU, {result['machine']['threads']} thread). Held: **{held}**.", ""]
     if result.get("not_built"):
         lines += [f"Not built: {result['not_built']}", ""]
     if rows:
@@ -60,13 +65,14 @@ def build_report(runs: str | Path = "runs/repro") -> str:
     if not results:
         raise InputError(f"no full run under {runs}: run `formerkit repro NAME` (without --quick) first")
     cpus = sorted({r["machine"]["cpu"] for r in results})
-    lines = [HEADER, f"Machine: {', '.join(cpus)}; 2 cores shared with other jobs, so the seconds are "
-                     "those of a loaded machine.", "",
-             "| reproduction | claim | paper | our number | held? | seed | seconds |",
+    lines = [HEADER, f"Machine: {', '.join(cpus)}, 2 cores shared with other jobs (load average about 10 during "
+                     "these runs): the wall-clock seconds are those of a loaded machine; the CPU seconds are "
+                     "this run's own, one thread.", "",
+             "| reproduction | claim | paper | our number | held? | seed | seconds (CPU) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         lines.append(f"| `{r['name']}` | {r['claim']} | {r['paper']} | {_number(r)} | "
-                     f"{'yes' if r['held'] else 'no'} | {r['seed']} | {r['seconds']:.0f} |")
+                     f"{'yes' if r['held'] else 'no'} | {r['seed']} | {r['seconds']:.0f} ({_cpu(r)}) |")
     missing = [name for name in REGISTRY if name not in {r["name"] for r in results}]
     if missing:
         lines += ["", "Registered but without a full run here: " + ", ".join(f"`{m}`" for m in missing) + "."]
