@@ -28,7 +28,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("model", ("heads", "inputs", "model")),
     ("text and data", ("tokenizers", "data")),
     ("checkpoints", ("checkpoints",)),
-    ("tasks", ("generate", "embed", "predict", "convert", "quantize", "train", "interp", "compress", "serve")),
+    ("tasks", ("generate", "embed", "predict", "convert", "quantize", "train", "interp", "compress", "serve",
+               "repro")),
     ("command line", ("cli",)),
 ]
 # the modules that must stay readable alone: nothing of what builds on them, even indirectly

@@ -269,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_inspect_command(sub)
 
+    from formerkit.repro.command import add_repro_command
+
+    add_repro_command(sub)
+
     p = sub.add_parser("tour", help="build every preset, then embed sentences with the real MiniLM checkpoint")
     p.set_defaults(func=cmd_tour)
     use_help_formatter(sub)

@@ -1,0 +1,167 @@
+"""formerkit repro: every registered reproduction runs in --quick mode and writes an honest result.json; the data
+generators and metrics equal brute-force recomputations; the report and the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from formerkit.cli import main
+from formerkit.errors import InputError
+from formerkit.repro import REGISTRY, Outcome, Repro, build_report, get, run_repro
+from formerkit.repro.addition import answer_labels, cascade_length, encode
+from formerkit.repro.icl_gd import lsa_model, lsa_predict
+from formerkit.repro.icl_regression import (
+    best_gd_rate,
+    gd_predictions,
+    gd_step_feature,
+    regression_tokens,
+    ridge_predictions,
+)
+from formerkit.repro.length_gen import IGNORE_INDEX, SEP, task_batch
+from formerkit.repro.lr_sensitivity import lr_sensitivity, markov_chain, repeated_markov_batch
+
+KEYS = {"claim", "metric", "value", "threshold", "held", "seed", "seconds"}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_reproduction_runs_quick_and_judges_itself(name, tmp_path, capsys):
+    result = run_repro(name, seed=1, quick=True, out=tmp_path)
+    stored = json.loads((tmp_path / name / "result.json").read_text())
+    assert stored == json.loads(json.dumps(result))
+    assert KEYS <= set(stored)
+    assert isinstance(stored["held"], bool) and stored["seed"] == 1 and stored["quick"] is True
+    assert math.isfinite(stored["value"]) and stored["seconds"] > 0
+    repro = REGISTRY[name]
+    assert stored["threshold"] == repro.threshold
+    assert stored["held"] == repro.held(Outcome(stored["value"], stored["checks"]))
+    assert stored["pngs"] and all((tmp_path / name / png).stat().st_size > 0 for png in stored["pngs"])
+    assert ("HELD" in capsys.readouterr().out)
+
+
+def test_held_follows_the_threshold_direction_and_every_check():
+    def make(direction):
+        return Repro("x", "c", "p", "m", 0.5, direction, run=lambda *a: Outcome(0.0))
+    assert make("min").held(Outcome(0.5)) and not make("min").held(Outcome(0.49))
+    assert make("max").held(Outcome(0.5)) and not make("max").held(Outcome(0.51))
+    assert not make("min").held(Outcome(0.9, {"other": False}))
+    assert make("min").held(Outcome(0.9, {"other": True}))
+
+
+def test_addition_encoding_and_cascades_equal_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    n = 4
+    a, b = torch.randint(0, 10**n, (500,), generator=gen), torch.randint(0, 10**n, (500,), generator=gen)
+    a[:3], b[:3] = torch.tensor([9999, 1234, 4950]), torch.tensor([1, 8765, 5051])
+    ids = encode(a, b, n)
+    for row, x, y in zip(ids.tolist(), a.tolist(), b.tolist(), strict=True):
+        text = "".join("+" if t == 10 else "=" if t == 11 else str(t) for t in row)
+        assert text == f"{x:0{n}d}+{y:0{n}d}={x + y:0{n + 1}d}"
+    labels = answer_labels(ids, n)
+    assert (labels[:, : 2 * n + 2] == IGNORE_INDEX).all() and (labels[:, 2 * n + 2:] == ids[:, 2 * n + 2:]).all()
+    expected = []
+    for x, y in zip(a.tolist(), b.tolist(), strict=True):  # carry into digit i: the lower i digits overflow
+        carry_in = [(x % 10**i + y % 10**i) >= 10**i for i in range(n)]
+        nine = [(x // 10**i % 10 + y // 10**i % 10) == 9 for i in range(n)]
+        longest = run = 0
+        for i in range(n):
+            run = run + 1 if carry_in[i] and nine[i] else 0
+            longest = max(longest, run)
+        expected.append(longest)
+    assert cascade_length(a, b, n).tolist() == expected
+    assert expected[:3] == [3, 0, 2]  # 9999+0001 passes a carry through three 9s; 4950+5051 through two
+
+
+def test_gd_and_ridge_predictions_equal_closed_forms():
+    gen = torch.Generator().manual_seed(0)
+    tokens, targets = regression_tokens(gen, 300, 8, 3)
+    assert (tokens[:, -1, -1] == 0).all()
+    x, y = tokens[:, :-1, :-1].double(), tokens[:, :-1, -1].double()
+    assert torch.allclose(gd_predictions(tokens, 0.7), 0.7 * gd_step_feature(tokens), atol=1e-6)
+    w = torch.zeros(300, 3, dtype=torch.double)
+    for _ in range(3):  # the gradient of (1/2N) Σ (w·x_i - y_i)² written out
+        w = w - 0.5 * torch.einsum("bn,bnd->bd", torch.einsum("bnd,bd->bn", x, w) - y, x) / x.shape[1]
+    assert torch.allclose(gd_predictions(tokens, 0.5, steps=3).double(), (w * tokens[:, -1, :-1]).sum(-1), atol=1e-5)
+    eta = best_gd_rate(tokens, targets)
+    mse = [float(((gd_predictions(tokens, e) - targets) ** 2).mean()) for e in (eta * 0.95, eta, eta * 1.05)]
+    assert mse[1] < mse[0] and mse[1] < mse[2]
+    lam = 0.3
+    solved = torch.linalg.solve(x.transpose(1, 2) @ x + lam * torch.eye(3, dtype=torch.double),
+                                torch.einsum("bnd,bn->bd", x, y))
+    assert torch.allclose(ridge_predictions(tokens, lam).double(), (solved * tokens[:, -1, :-1]).sum(-1), atol=1e-4)
+    assert torch.allclose(ridge_predictions(tokens, 0.0), targets, atol=1e-3)  # 8 noiseless points in 3 dims
+
+
+def test_lsa_hooks_make_the_layer_linear_self_attention():
+    torch.manual_seed(0)
+    model = lsa_model(3, 5, init_std=0.3)
+    tokens, _ = regression_tokens(torch.Generator().manual_seed(1), 4, 5, 3)
+    block = model.blocks[0]
+    h = tokens * block.ln1.weight  # the norm with divisor 1: its diagonal weight
+    q, k, v = block.attn.qkv(h).split(4, dim=-1)  # (B, T, 4) each: one head of width d + 1
+    scores = (q @ k.transpose(1, 2)) * block.attn.scale  # (B, T, T)
+    scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), 0.0)  # causal, no softmax
+    expected = (tokens + block.attn.out(scores @ v))[:, -1, -1]
+    assert torch.allclose(lsa_predict(model, tokens), expected, atol=1e-5)
+
+
+def test_copy_and_reverse_batches():
+    gen = torch.Generator().manual_seed(0)
+    for task in ("copy", "reverse"):
+        lengths = torch.tensor([3, 7, 1])
+        ids, labels = task_batch(gen, task, lengths)
+        assert ids.shape == (3, 15)
+        for row, lab, length in zip(ids, labels, lengths.tolist(), strict=True):
+            x, out = row[:length], row[length + 1:2 * length + 1]
+            assert row[length] == SEP and (out == (x if task == "copy" else x.flip(0))).all()
+            assert (lab[length + 1:2 * length + 1] == out).all()
+            assert (lab[: length + 1] == IGNORE_INDEX).all() and (lab[2 * length + 1:] == IGNORE_INDEX).all()
+
+
+def test_markov_data_and_lr_sensitivity():
+    gen = torch.Generator().manual_seed(0)
+    chain = markov_chain(gen, 16)
+    assert torch.allclose(chain.sum(1), torch.ones(16)) and ((chain > 0).sum(1) == 4).all()
+    ids = repeated_markov_batch(gen, chain, 5, 12)
+    assert (ids[:, :12] == ids[:, 12:]).all()
+    assert (chain[ids[:, :11], ids[:, 1:12]] > 0).all()  # every step is a transition the chain allows
+    # losses 2, 3, nan (capped at the initial 5), 7 (capped at 5): mean 3.75, best 2
+    assert lr_sensitivity([2.0, 3.0, float("nan"), 7.0], 5.0) == pytest.approx(1.75)
+
+
+def _fake_result(tmp_path, name, quick):
+    repro = REGISTRY[name]
+    data = {"name": name, "claim": repro.claim, "paper": repro.paper, "metric": repro.metric, "value": 0.5,
+            "threshold": repro.threshold, "rule": repro.rule(), "checks": {"a check": False}, "held": False,
+            "seed": 3, "seconds": 12.0, "quick": quick, "not_built": "", "table": [["k", "v"], ["x", 0.25]],
+            "pngs": ["loss.png"], "machine": {"cpu": "Some CPU", "threads": 1}}
+    (tmp_path / name).mkdir(parents=True, exist_ok=True)
+    (tmp_path / name / "result.json").write_text(json.dumps(data))
+
+
+def test_report_tables_full_runs_only(tmp_path):
+    with pytest.raises(InputError, match="no full run"):
+        build_report(tmp_path)
+    names = sorted(REGISTRY)
+    _fake_result(tmp_path, names[0], quick=False)
+    _fake_result(tmp_path, names[1], quick=True)
+    text = build_report(tmp_path)
+    assert f"| `{names[0]}` |" in text and f"| `{names[1]}` |" not in text
+    assert "Some CPU" in text and "failed: a check" in text and "| x | 0.25 |" in text
+    assert f"`{names[1]}`" in text.split("Registered but without a full run here:")[1]
+
+
+def test_command_line(tmp_path, capsys):
+    assert main(["repro", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in REGISTRY)
+    assert main(["repro", "additon"]) == 2
+    assert 'did you mean "addition"' in capsys.readouterr().err
+    with pytest.raises(InputError):
+        get("nothing")
+    _fake_result(tmp_path, "addition", quick=False)
+    assert main(["repro", "--report", "--out", str(tmp_path), "--report-path", str(tmp_path / "r.md")]) == 0
+    assert "`addition`" in (tmp_path / "r.md").read_text()
