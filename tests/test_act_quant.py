@@ -83,14 +83,3 @@ def test_quantized_activations_work_on_int8_weights():
     with torch.no_grad(), quantized_activations(model, ranges):
         assert torch.isfinite(model(batches[0]).logits).all()
     assert len(ranges) == 10
-
-
-@pytest.mark.slow
-def test_outlier_benchmark_trains_and_measures_every_variant():
-    from conftest import load_script
-
-    results = load_script("benchmarks/attention_outliers.py").main(["--quick", "--steps", "3"])
-    assert set(results) == {"softmax", "clipped", "gated"}
-    for row in results.values():
-        assert row["max_inf_norm"] > 0 and row["mean_kurtosis"] > 0
-        assert all(0 < row[k] < 10 for k in ("fp32", "a8", "w8a8"))

@@ -154,14 +154,3 @@ def test_early_exit_decoding_refuses_what_it_cannot_do():
         early_exit_generate(_model(), _ids(1, 3), temperature=0.8)
     with pytest.raises(fk.InputError, match="threshold"):
         early_exit_generate(_model(), _ids(1, 3), threshold=-0.1)
-
-
-@pytest.mark.slow
-def test_quality_curve_benchmark_reads_every_threshold(tmp_path):
-    from conftest import load_script
-
-    results = load_script("benchmarks/early_exit.py").main(["--quick", "--steps", "3", "--png",
-                                                            str(tmp_path / "curve.png")])
-    assert results[2.0][1] == 3 and results[0.0][1] == 1  # never exits; always the first exit
-    assert all(1 <= layers <= 3 and loss > 0 for loss, layers in results.values())
-    assert (tmp_path / "curve.png").stat().st_size > 0

@@ -1,5 +1,6 @@
-"""Shared by the efficiency benchmarks: a small Llama-style model trained by formerkit's own trainer on one
-standard-library package (byte tokens), its held-out windows, and the held-out loss."""
+"""For the reproductions that train on text: a small Llama-style model trained by formerkit's own trainer
+(``formerkit.train``) on one package of the standard library's source (byte tokens), that package's
+fixed held-out windows, and the held-out loss."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-import formerkit as fk
+from formerkit.checkpoints import from_pretrained
 from formerkit.data import eval_batches, load_corpus, resolve_source
+from formerkit.model import Transformer
 from formerkit.tokenizers import ByteTokenizer
 from formerkit.train import TrainConfig, train
 
@@ -21,33 +23,38 @@ def package_source(package: str) -> str:
     return str(Path(sysconfig.get_paths()["stdlib"]) / package)
 
 
-def windows(package: str, work: Path, *, batch: int, seq_len: int, max_batches: int, split: str = "val") -> list:
+VAL_FRACTION = 0.05  # of the package's files held out, the same in training and in ``windows``
+
+
+def windows(package: str, cache_dir: Path, *, batch: int, seq_len: int, max_batches: int,
+            split: str = "val") -> list:
     """Fixed (x, y) windows (B, T) of the package's byte tokens, from its held-out ("val") or "train" split."""
-    corpus = load_corpus(resolve_source(package_source(package)), ByteTokenizer(), cache_dir=work / "cache",
-                         val_fraction=0.05)
+    corpus = load_corpus(resolve_source(package_source(package)), ByteTokenizer(), cache_dir=cache_dir,
+                         val_fraction=VAL_FRACTION)
     tokens = corpus.val if split == "val" else corpus.train
     return eval_batches(tokens, batch_size=batch, seq_len=seq_len, max_batches=max_batches)
 
 
-def train_small(run_dir: Path, package: str, *, layers: int, d_model: int, heads: int, seq_len: int, batch: int,
-                steps: int, extra: list[str] = ()) -> fk.Transformer:
+def train_on_package(run_dir: Path, package: str, cache_dir: Path, *, layers: int, d_model: int, heads: int,
+                     seq_len: int, batch: int, steps: int, seed: int = 0, extra: list[str] = ()) -> Transformer:
     """Train a Llama-style model (``extra``: more ``--model.*``/``--train.*`` options) with ``formerkit.train``
-    quietly, seed 0, fp32; return it from its run directory in eval mode."""
+    quietly, in fp32; return it from its run directory in eval mode."""
     args = ["--model.preset", "llama", "--model.n_layers", str(layers), "--model.d_model", str(d_model),
             "--model.n_heads", str(heads), "--model.d_ff", str(d_model * 3), "--model.max_seq_len", str(seq_len),
             "--data.source", package_source(package), "--data.tokenizer", "byte",
-            "--data.cache_dir", str(run_dir.parent / "cache"), "--train.steps", str(steps),
+            "--data.cache_dir", str(cache_dir), "--data.val_fraction", str(VAL_FRACTION),
+            "--train.steps", str(steps),
             "--train.batch_size", str(batch), "--train.seq_len", str(seq_len), "--train.precision", "fp32",
-            "--train.seed", "0", "--optim.lr", "3e-3", "--optim.warmup_steps", str(max(1, steps // 20)),
+            "--train.seed", str(seed), "--optim.lr", "3e-3", "--optim.warmup_steps", str(max(1, steps // 20)),
             "--eval.every", str(steps), "--checkpoint.every", str(steps), "--checkpoint.run_dir", str(run_dir),
             "--log.progress", "false", "--log.samples", "0", *extra]
     with contextlib.redirect_stdout(io.StringIO()):
         train(TrainConfig.load(None, args))
-    return fk.from_pretrained(run_dir).eval()
+    return from_pretrained(run_dir).eval()
 
 
 @torch.no_grad()
-def held_out_loss(model: fk.Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def held_out_loss(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Mean next-token loss (nats per token) over (x, y) windows."""
     total = count = 0.0
     for x, y in batches:
