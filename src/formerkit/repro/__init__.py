@@ -9,8 +9,10 @@ from formerkit.repro import (  # noqa: F401  (each module registers its reproduc
     addition,
     early_exit,
     icl_gd,
+    jacobi,
     length_gen,
     lr_sensitivity,
+    minilm,
     quantizable,
 )
 from formerkit.repro.registry import REGISTRY, Outcome, Repro, get, register

@@ -80,3 +80,24 @@ def line_png(path: Path, series: dict[str, tuple[Sequence[float], Sequence[float
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def bar_png(path: Path, panels: dict[str, dict[str, float]], *, title: str = "") -> Path:
+    """Write a PNG with one bar chart per ``panels`` entry (panel title -> {bar label: value}); return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    for ax, (label, bars) in zip(axes[0], panels.items(), strict=True):
+        ax.bar(list(bars), list(bars.values()), color=plt.cm.tab10.colors[:len(bars)])
+        ax.set_title(label, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

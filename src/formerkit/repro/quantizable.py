@@ -20,6 +20,7 @@ import torch
 from formerkit.compress.act_quant import activation_outliers, calibrate_activation_ranges, quantized_activations
 from formerkit.layers.quantized import quantize_int8
 from formerkit.model import Transformer
+from formerkit.repro.common import bar_png
 from formerkit.repro.registry import Outcome, Repro, register
 from formerkit.repro.trained import held_out_loss, train_on_package, windows
 
@@ -54,7 +55,9 @@ def run(seed: int, quick: bool, out_dir: Path) -> Outcome:
                                      d_model=shape["d_model"], heads=shape["heads"], steps=shape["steps"],
                                      seed=seed, extra=options, **size)
             rows[name] = measure(model, calibration, held_out)
-    _bars(out_dir / "quantizable_attention.png", rows)
+    bar_png(out_dir / "quantizable_attention.png",
+            {"largest |block output|": {n: r["max_inf_norm"] for n, r in rows.items()},
+             "W8A8 gap (nats)": {n: r["gap"] for n, r in rows.items()}})
     soft = rows["softmax"]
     best = min(("clipped", "gated"), key=lambda n: rows[n]["gap"])
     table = [["attention", "max |block output|", "mean kurtosis", "held-out loss fp32", "W8A8", "W8A8 gap"]]
@@ -67,22 +70,6 @@ def run(seed: int, quick: bool, out_dir: Path) -> Outcome:
         detail={"steps": shape["steps"], "package": shape["package"], "best_variant": best, "variants": rows},
         table=table,
     )
-
-
-def _bars(path: Path, rows: dict[str, dict[str, float]]) -> None:
-    """A PNG of each variant's largest block output and W8A8 gap, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
-    for ax, key, label in ((axes[0], "max_inf_norm", "largest |block output|"), (axes[1], "gap", "W8A8 gap (nats)")):
-        ax.bar(list(rows), [r[key] for r in rows.values()], color=["gray", "tab:blue", "tab:orange"])
-        ax.set(title=label)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 register(Repro(

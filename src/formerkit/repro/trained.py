@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import io
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,10 +37,10 @@ def windows(package: str, cache_dir: Path, *, batch: int, seq_len: int, max_batc
     return eval_batches(tokens, batch_size=batch, seq_len=seq_len, max_batches=max_batches)
 
 
-def train_on_package(run_dir: Path, package: str, cache_dir: Path, *, layers: int, d_model: int, heads: int,
-                     seq_len: int, batch: int, steps: int, seed: int = 0, extra: list[str] = ()) -> Transformer:
-    """Train a Llama-style model (``extra``: more ``--model.*``/``--train.*`` options) with ``formerkit.train``
-    quietly, in fp32; return it from its run directory in eval mode."""
+def package_config(run_dir: Path, package: str, cache_dir: Path, *, layers: int, d_model: int, heads: int,
+                   seq_len: int, batch: int, steps: int, seed: int = 0, extra: Sequence[str] = ()) -> TrainConfig:
+    """The training config of a Llama-style model (``extra``: more ``--model.*``/``--train.*`` options) on the
+    package's byte tokens, in fp32, evaluated and saved once at the end."""
     args = ["--model.preset", "llama", "--model.n_layers", str(layers), "--model.d_model", str(d_model),
             "--model.n_heads", str(heads), "--model.d_ff", str(d_model * 3), "--model.max_seq_len", str(seq_len),
             "--data.source", package_source(package), "--data.tokenizer", "byte",
@@ -48,8 +50,14 @@ def train_on_package(run_dir: Path, package: str, cache_dir: Path, *, layers: in
             "--train.seed", str(seed), "--optim.lr", "3e-3", "--optim.warmup_steps", str(max(1, steps // 20)),
             "--eval.every", str(steps), "--checkpoint.every", str(steps), "--checkpoint.run_dir", str(run_dir),
             "--log.progress", "false", "--log.samples", "0", *extra]
+    return TrainConfig.load(None, args)
+
+
+def train_on_package(run_dir: Path, package: str, cache_dir: Path, **sizes: Any) -> Transformer:
+    """Train the model of ``package_config(run_dir, package, cache_dir, **sizes)`` with ``formerkit.train``
+    quietly; return it from its run directory in eval mode."""
     with contextlib.redirect_stdout(io.StringIO()):
-        train(TrainConfig.load(None, args))
+        train(package_config(run_dir, package, cache_dir, **sizes))
     return from_pretrained(run_dir).eval()
 
 
