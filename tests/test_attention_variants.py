@@ -224,3 +224,17 @@ def test_latency_benchmark_measures_every_attention_at_every_length(tmp_path):
                                               ("decode step", ("full", "linear"))] for a in kinds for n in (16, 32)}
     assert set(out) == expected and all(s > 0 for s in out.values())
     assert (tmp_path / "latency.png").stat().st_size > 0
+
+
+def test_pruned_heads_of_gated_linear_attention_keep_cache_and_gate_in_step():
+    from formerkit.compress.prune import prune_heads
+
+    model = prune_heads(_model(attn_type="linear", attn_gate=True, n_kv_heads=None), {0: [1], 1: [0, 3]})
+    assert model.config.n_heads == [3, 2] and model.blocks[1].attn.gate.out_features == 2
+    ids = _ids(2, 20)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache.for_model(model, 2, 24)
+        steps = [model(ids[:, :5], cache=cache).logits] + [model(ids[:, t:t + 1], cache=cache).logits
+                                                           for t in range(5, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)

@@ -124,16 +124,19 @@ class KVCache(nn.Module):
 
     def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int | list[int], d_head: int, *,
                  cross: bool, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
-                 window_step: int | None = None, linear_heads: int | None = None) -> None:
+                 window_step: int | None = None, linear_heads: int | list[int] | None = None) -> None:
         super().__init__()
         self.batch_size, self.max_len = batch_size, max_len
         self.window_step = window_step  # None: attend over the whole buffer
         self._write = _Write()
         heads = n_kv_heads if isinstance(n_kv_heads, list) else [n_kv_heads] * n_layers  # per layer (pruned models)
         self.linear = linear_heads is not None  # linear attention: a running state per layer, not keys and values
-        self.layers = nn.ModuleList(
-            LinearKV(batch_size, linear_heads, d_head, dtype, device, self._write) if self.linear
-            else LayerKV(batch_size, max_len, kv, d_head, dtype, device, self._write) for kv in heads)
+        if self.linear:  # one query-head count per layer (a pruned model's differ)
+            counts = linear_heads if isinstance(linear_heads, list) else [linear_heads] * n_layers
+            self.layers = nn.ModuleList(LinearKV(batch_size, h, d_head, dtype, device, self._write) for h in counts)
+        else:
+            self.layers = nn.ModuleList(LayerKV(batch_size, max_len, kv, d_head, dtype, device, self._write)
+                                        for kv in heads)
         self.cross = [CrossKV() for _ in range(n_layers)] if cross else None
         self.register_buffer("positions", torch.zeros(batch_size, max_len, dtype=torch.long, device=device),
                              persistent=False)  # (B, L) the position of the token in each slot

@@ -176,6 +176,8 @@ def _prune_attention(attn: nn.Module, removed: list[int], left: list[int]) -> No
     rows = torch.cat([per_head(q), H * D + per_head(kv), (H + KV) * D + per_head(kv)])  # rows of [q | k | v]
     attn.qkv = _sliced(attn.qkv, rows=rows)
     attn.out = _sliced(attn.out, cols=per_head(q))
+    if attn.gate is not None:  # gated attention: one gate logit per query head
+        attn.gate = _sliced(attn.gate, rows=q)
     attn.n_heads, attn.n_kv_heads = len(q), len(kv)
 
 
