@@ -407,7 +407,7 @@ def report_soak(seconds: float, result: dict) -> None:
           f"afterwards: {result['idle_after']}")
     print("  RSS MiB over time: " + ", ".join(f"{t:.0f}s {m:.0f}" for t, m in result["rss_mib"]))
     print("  p95 latency of completed requests per 30 s window: "
-          + ", ".join(f"{p:.1f}s (n={c})" for c, p in result["p95_by_window"]))
+          + ", ".join(f"{p:.1f}s (n={c})" if c else "none (n=0)" for c, p in result["p95_by_window"]))
 
 
 if __name__ == "__main__":
