@@ -87,31 +87,37 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_serve_runs_as_a_process_answers_and_stops_cleanly_on_a_signal(checkpoint, stop):
-    server = _Process(checkpoint)
+def _check_answers(url: str, checkpoint: Path) -> None:
+    """/health, a completion and a streamed chat, each equal to generating alone."""
+    assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok"}
+    model, tok = fk.from_pretrained(checkpoint).eval(), fk.load_tokenizer(checkpoint)
+    done = httpx.post(f"{url}/v1/completions", timeout=30,
+                      json={"prompt": "Once upon", "max_tokens": 8, "temperature": 0}).json()
+    assert done["choices"][0]["text"] == generate_text(model, tok, "Once upon", max_new_tokens=8)[9:]
+    assert done["usage"]["completion_tokens"] == 8
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    rendered = "<user>hi\n<assistant>"
+    assert text == generate_text(model, tok, rendered, max_new_tokens=6)[len(rendered):]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_serve_runs_as_a_process_answers_and_stops_cleanly_on_sigint_and_sigterm(checkpoint):
+    # two servers start at once (their start-up is mostly imports): one is stopped by each signal
+    servers = {signal.SIGINT: _Process(checkpoint), signal.SIGTERM: _Process(checkpoint)}
     try:
-        port = server.port()
-        url = f"http://127.0.0.1:{port}"
-        assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok"}
-        model, tok = fk.from_pretrained(checkpoint).eval(), fk.load_tokenizer(checkpoint)
-        done = httpx.post(f"{url}/v1/completions", timeout=30,
-                          json={"prompt": "Once upon", "max_tokens": 8, "temperature": 0}).json()
-        assert done["choices"][0]["text"] == generate_text(model, tok, "Once upon", max_new_tokens=8)[9:]
-        assert done["usage"]["completion_tokens"] == 8
-        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0, "stream": True}
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
-            lines = [line for line in r.iter_lines() if line]
-        assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
-        chunks = [json.loads(line[6:]) for line in lines[:-1]]
-        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-        rendered = "<user>hi\n<assistant>"
-        assert text == generate_text(model, tok, rendered, max_new_tokens=6)[len(rendered):]
-        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-        server.proc.send_signal(stop)
-        assert server.proc.wait(20) == 0, "".join(server.log)
-        assert _port_is_free(port)
+        for stop, server in servers.items():
+            port = server.port()
+            _check_answers(f"http://127.0.0.1:{port}", checkpoint)
+            server.proc.send_signal(stop)
+            assert server.proc.wait(20) == 0, f"{stop.name}:\n{''.join(server.log)}"
+            assert _port_is_free(port), f"port {port} still taken after {stop.name}"
     finally:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait(10)
+        for server in servers.values():
+            if server.proc.poll() is None:
+                server.proc.kill()
+                server.proc.wait(10)
