@@ -1,23 +1,34 @@
-"""Serving load test: ``formerkit serve`` (continuous batching) under Poisson arrivals vs one-at-a-time generation.
+"""Serving load test: ``formerkit serve`` vs llama.cpp's server and one-at-a-time generation, plus a soak.
 
 The model is generate_throughput.py's random-init Llama shape ("llama": 12 layers, d_model 768,
 4 KV heads, 88.1M parameters; "llama-tiny" for a smoke run), saved by transformers with a BPE
-tokenizer; formerkit loads the same directory, so every contender runs the same fp32 weights.
+tokenizer; formerkit loads the same directory and llama.cpp's own converter turns it into an f32
+GGUF file (``llamacpp.py``), so every contender runs the same fp32 weights.
 
-The server runs in a child process (``formerkit serve --max-batch 16``); the load comes from
-this process with httpx's asyncio client: requests arrive as a Poisson process (``--rate``
-per second) and at most ``concurrency`` are in flight at once, each streaming a completion
-of exactly ``--new-tokens`` tokens (``ignore_eos``) after a prompt of 16-64 random token ids.
-For every concurrency level it reports the time to first token (p50, p99), the inter-token
-latency (p50, p99), requests/s and output tokens/s, and checks that every response is
-well-formed and complete. The same run times the baselines on the same prompts, one request
-after another: ``fk.generate`` and transformers' ``generate``. Before timing, the server's
-greedy text for the first prompt is checked against ``fk.generate`` on that prompt alone.
-``--soak S`` adds S seconds of 48 callers against 16 rows and 16 queue places: every refusal
-must be a well-formed 429 and every accepted stream complete (malformed responses are counted).
+Each server runs in a child process with ``--threads`` threads: ``formerkit serve --max-batch
+16`` (continuous batching), and ``python -m llama_cpp.server`` (llama-cpp-python's
+OpenAI-compatible server, one llama.cpp context: it serves ONE request at a time, queueing the
+rest behind a lock; ``--interrupt_requests False`` so a new request does not cut the stream in
+progress; ``--n_batch 512``; skipped when llama-cpp-python[server] or the converter is missing).
+The load comes from this process with httpx's asyncio client: requests arrive as a Poisson process
+(``--rate`` per second) with at most ``concurrency`` in flight, each streaming a greedy completion
+of exactly ``--new-tokens`` tokens (formerkit: ``ignore_eos``; llama.cpp: ``min_tokens``) after
+the same text prompt (16-64 random token ids of the BPE vocabulary, decoded). For every server
+and concurrency level it reports requests/s, output tokens/s, the time to first token (p50, p95,
+p99) and the inter-token latency (p50, p99), and checks that every response is well-formed and
+complete. The same run times the baselines on the same prompts, one request after another:
+``fk.generate`` and transformers' ``generate``. Before timing, formerkit's greedy text for the
+first prompt is checked against ``fk.generate`` on that prompt alone (and compared with llama.cpp's).
+
+``--soak S`` then runs formerkit serve (16 rows, 16 queue places) for S seconds under 24 callers
+sending a mix: streamed and non-streamed completions of 8-64 tokens, clients that hang up after a
+few tokens, and bad requests (a wrong type, a prompt over the context). Intended outcomes are
+counted (the 400s, and 429s when the queue is full); anything else (a 5xx, a malformed or
+incomplete response) is an error. It reports the server's RSS at the start and end and p95
+latency per 30-second window, and checks that the server holds no row or queue entry afterwards.
 
     python benchmarks/serve_load.py [--model llama] [--levels 1,4,16] [--requests 4,12,32]
-        [--new-tokens 64] [--rate 50] [--threads N] [--soak SECONDS]
+        [--new-tokens 64] [--rate 50] [--threads N] [--no-llamacpp] [--soak SECONDS]
 """
 
 from __future__ import annotations
@@ -44,37 +55,51 @@ import formerkit as fk  # noqa: E402
 from formerkit.hardware import describe_machine  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llamacpp  # noqa: E402
 from generate_throughput import VOCAB, save_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+WINDOW = 30.0  # seconds per soak report window
 
 
-def prompts_for(n: int, seed: int = 0) -> list[list[int]]:
-    """``n`` prompts of 16-64 random token ids (reproducible)."""
+def prompts_for(n: int, tok: fk.Tokenizer, seed: int = 0) -> list[str]:
+    """``n`` text prompts: 16-64 random ids of the vocabulary, decoded (reproducible)."""
     rng = random.Random(seed)
-    return [[rng.randrange(10, VOCAB) for _ in range(rng.randint(16, 64))] for _ in range(n)]
+    return [tok.decode([rng.randrange(10, VOCAB) for _ in range(rng.randint(16, 64))]) for _ in range(n)]
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) of ``values``, nearest rank."""
+    """The q-th percentile (0-100) of ``values``, nearest rank (nan when empty)."""
+    if not values:
+        return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-async def one_request(client: httpx.AsyncClient, prompt: list[int], new_tokens: int) -> dict:
-    """Stream one completion; return its timings and whether it was well-formed and complete."""
-    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
+def request_body(server: str, prompt: str, new_tokens: int, stream: bool = True) -> dict:
+    """A greedy completion of exactly ``new_tokens`` tokens, in the fields ``server`` understands."""
+    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": stream}
+    if server == "llama.cpp":
+        return {**body, "min_tokens": new_tokens, "repeat_penalty": 1.0}  # its default penalty is 1.1
+    return {**body, "ignore_eos": True, **({"stream_options": {"include_usage": True}} if stream else {})}
+
+
+async def one_request(client: httpx.AsyncClient, body: dict, new_tokens: int, hang_up_after: int | None = None) -> dict:
+    """Stream one completion; return its timings, its text and whether it was well-formed and complete.
+
+    With ``hang_up_after`` the client closes the connection after that many token events (a
+    cancelled client); the result is then ok when those events were well-formed.
+    """
     start = time.perf_counter()
-    stamps, usage, ok = [], None, True
+    stamps, usage, ok, finish, text = [], None, True, None, []
     async with client.stream("POST", "/v1/completions", json=body) as r:
         if r.status_code != 200:
             error = json.loads(await r.aread()).get("error", {})
-            return {"ok": False, "status": r.status_code,
+            return {"ok": False, "status": r.status_code, "end": time.perf_counter(),
                     "error_ok": set(error) == {"message", "type", "param", "code"}}
         done = False
         async for line in r.aiter_lines():
-            if not line:
+            if not line or line.startswith(":"):  # an SSE comment (keep-alive ping)
                 continue
             ok &= line.startswith("data: ")
             payload = line[6:]
@@ -86,23 +111,29 @@ async def one_request(client: httpx.AsyncClient, prompt: list[int], new_tokens: 
                 ok = False
             elif chunk.get("usage"):
                 usage = chunk["usage"]
-            elif chunk["choices"] and chunk["choices"][0]["finish_reason"] is None:
-                stamps.append(time.perf_counter())
-    ok &= done and usage is not None and usage["completion_tokens"] == new_tokens
+            elif chunk["choices"]:
+                text.append(chunk["choices"][0]["text"])
+                finish = chunk["choices"][0]["finish_reason"] or finish
+                if chunk["choices"][0]["finish_reason"] is None:
+                    stamps.append(time.perf_counter())
+                    if hang_up_after is not None and len(stamps) >= hang_up_after:
+                        return {"ok": ok, "end": time.perf_counter(), "cancelled": True}
+    tokens = usage["completion_tokens"] if usage else (new_tokens if finish == "length" else 0)
+    ok &= done and finish == "length" and tokens == new_tokens
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    return {"ok": ok, "ttft": stamps[0] - start if stamps else float("nan"), "gaps": gaps,
-            "tokens": usage["completion_tokens"] if usage else 0, "end": time.perf_counter()}
+    return {"ok": ok, "ttft": stamps[0] - start if stamps else float("nan"), "gaps": gaps, "tokens": tokens,
+            "text": "".join(text), "end": time.perf_counter()}
 
 
-async def load(url: str, prompts: list[list[int]], concurrency: int, rate: float, new_tokens: int) -> dict:
+async def load(url: str, server: str, prompts: list[str], concurrency: int, rate: float, new_tokens: int) -> dict:
     """Send ``prompts`` as Poisson arrivals at ``rate``/s with at most ``concurrency`` in flight; summarize."""
     rng = random.Random(1)
     gate = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=1200, limits=httpx.Limits(max_connections=64)) as client:
 
         async def guarded(prompt):
             async with gate:
-                return await one_request(client, prompt, new_tokens)
+                return await one_request(client, request_body(server, prompt, new_tokens), new_tokens)
 
         start = time.perf_counter()
         tasks = []
@@ -114,35 +145,89 @@ async def load(url: str, prompts: list[list[int]], concurrency: int, rate: float
     good = [r for r in results if r["ok"]]
     gaps = [g for r in good for g in r["gaps"]]
     ttfts = [r["ttft"] for r in good]
-    return {"failed": len(results) - len(good), "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
-            "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99), "req_s": len(good) / elapsed,
-            "tok_s": sum(r["tokens"] for r in good) / elapsed}
+    return {"failed": len(results) - len(good), "ttft_p50": percentile(ttfts, 50), "ttft_p95": percentile(ttfts, 95),
+            "ttft_p99": percentile(ttfts, 99), "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99),
+            "req_s": len(good) / elapsed, "tok_s": sum(r["tokens"] for r in good) / elapsed}
 
 
-async def soak(url: str, prompts: list[list[int]], seconds: float, clients: int, new_tokens: int) -> dict:
-    """``clients`` callers streaming completions back to back for ``seconds``; count outcomes.
+def rss_mib(pid: int) -> float:
+    """The resident memory of process ``pid`` in MiB (from /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
-    With more callers than batch rows + queue places, some are refused: a refusal must be a
-    well-formed 429 OpenAI error, and every accepted request a complete, well-formed stream.
+
+async def soak(url: str, pid: int, prompts: list[str], seconds: float, clients: int, max_len: int) -> dict:
+    """``clients`` callers sending a mix of good, cancelled and bad requests for ``seconds``; count outcomes.
+
+    Outcomes: "ok" (complete, well-formed), "cancelled" (hung up after a few well-formed events),
+    "bad_400" (a bad request answered by a well-formed 400), "refused_429" (queue full, a well-formed
+    429) and "errors" (anything else). Also RSS per window and p95 latency of completed requests per window.
     """
-    counts = {"ok": 0, "refused": 0, "malformed": 0}
-    deadline = time.perf_counter() + seconds
+    counts = {"ok": 0, "cancelled": 0, "bad_400": 0, "refused_429": 0, "errors": 0}
+    latencies: list[tuple[float, float]] = []  # (finish time from start, seconds) of completed requests
+    rss = [(0.0, rss_mib(pid))]
+    start = time.perf_counter()
+    deadline = start + seconds
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients)) as client:
 
         async def caller(i: int) -> None:
+            rng = random.Random(i)
             while time.perf_counter() < deadline:
-                result = await one_request(client, prompts[i % len(prompts)], new_tokens)
-                if result["ok"]:
+                prompt, n, kind = rng.choice(prompts), rng.randint(8, 64), rng.random()
+                began = time.perf_counter()
+                if kind < 0.45:
+                    result = await one_request(client, request_body("formerkit", prompt, n), n)
+                elif kind < 0.75:
+                    result = await plain_request(client, request_body("formerkit", prompt, n, stream=False), n)
+                elif kind < 0.9:
+                    result = await one_request(client, request_body("formerkit", prompt, n), n,
+                                               hang_up_after=rng.randint(1, 4))
+                else:
+                    body = ({"prompt": prompt, "max_tokens": "many"} if rng.random() < 0.5 else
+                            {"prompt": prompt, "max_tokens": max_len})
+                    result = await plain_request(client, body, 0)
+                    if result.get("status") == 400 and result.get("error_ok"):
+                        counts["bad_400"] += 1
+                        continue
+                if result.get("cancelled") and result["ok"]:
+                    counts["cancelled"] += 1
+                elif result["ok"]:
                     counts["ok"] += 1
+                    latencies.append((result["end"] - start, result["end"] - began))
                 elif result.get("status") == 429 and result.get("error_ok"):
-                    counts["refused"] += 1
+                    counts["refused_429"] += 1
                     await asyncio.sleep(0.05)
                 else:
-                    counts["malformed"] += 1
-                i += clients
+                    counts["errors"] += 1
 
-        await asyncio.gather(*(caller(i) for i in range(clients)))
-    return counts
+        async def sampler() -> None:
+            while time.perf_counter() < deadline:
+                await asyncio.sleep(min(WINDOW, max(0.0, deadline - time.perf_counter())))
+                rss.append((time.perf_counter() - start, rss_mib(pid)))
+
+        await asyncio.gather(sampler(), *(caller(i) for i in range(clients)))
+        await asyncio.sleep(1.0)  # the last hung-up rows are freed at the next step
+        metrics = (await client.get("/metrics")).text
+    windows = []
+    for w in range(int(-(-seconds // WINDOW))):
+        inside = [d for t, d in latencies if w * WINDOW <= t < (w + 1) * WINDOW]
+        windows.append((len(inside), percentile(inside, 95)))
+    idle = "formerkit_running_requests 0" in metrics and "formerkit_queue_depth 0" in metrics
+    return {**counts, "rss_mib": rss, "p95_by_window": windows, "idle_after": idle}
+
+
+async def plain_request(client: httpx.AsyncClient, body: dict, new_tokens: int) -> dict:
+    """One non-streamed completion: ok when it is a complete, well-formed response of ``new_tokens`` tokens."""
+    r = await client.post("/v1/completions", json=body)
+    if r.status_code != 200:
+        error = r.json().get("error", {})
+        return {"ok": False, "status": r.status_code, "error_ok": set(error) == {"message", "type", "param", "code"}}
+    out = r.json()
+    ok = (out.get("object") == "text_completion" and out["usage"]["completion_tokens"] == new_tokens
+          and out["choices"][0]["finish_reason"] == "length")
+    return {"ok": ok, "end": time.perf_counter()}
 
 
 def sequential(generate_one, prompts: list[list[int]]) -> float:
@@ -163,28 +248,60 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(directory: Path, max_batch: int, threads: int, max_queue: int = 256) -> tuple[subprocess.Popen, str]:
-    """Start ``formerkit serve`` on a free port in a child process; return it and its base URL once it answers."""
-    port = free_port()
+def start_process(command: list[str], port: int, threads: int) -> tuple[subprocess.Popen, str]:
+    """Start a server ``command`` listening on ``port``; return it and its base URL once /v1/models answers."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "formerkit.cli", "serve", "--checkpoint", str(directory),
-                             "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(max_queue)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while True:
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
+            raise RuntimeError(f"the server did not start: {' '.join(command)}")
         time.sleep(0.5)
 
 
+def formerkit_server(directory: Path, threads: int, max_batch: int = 16, max_queue: int = 256):
+    """``formerkit serve`` on a free port: (process, url)."""
+    port = free_port()
+    return start_process([sys.executable, "-m", "formerkit.cli", "serve", "--checkpoint", str(directory),
+                          "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(max_queue)],
+                         port, threads)
+
+
+def llamacpp_server(gguf: Path, threads: int):
+    """llama-cpp-python's server (``python -m llama_cpp.server``) on ``gguf``, on a free port: (process, url)."""
+    port = free_port()
+    return start_process([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+                          "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+                          "--n_ctx", "1024", "--n_batch", "512", "--interrupt_requests", "False",
+                          "--verbose", "False"], port, threads)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Ask a server process to stop (SIGTERM) and wait for it."""
+    proc.terminate()
+    proc.wait(60)
+
+
+def run_levels(name: str, url: str, server: str, prompts: list[str], args, levels, counts, results) -> None:
+    """The load at every concurrency level against one server; print and record each."""
+    for level, count in zip(levels, counts, strict=True):
+        stats = asyncio.run(load(url, server, prompts[:count], level, args.rate, args.new_tokens))
+        results[f"{name}@{level}"] = stats
+        print(f"{name}, concurrency {level:2d} ({count} requests): {stats['tok_s']:7.1f} tok/s, "
+              f"{stats['req_s']:.2f} req/s, TTFT p50 {stats['ttft_p50'] * 1e3:.0f} ms p95 "
+              f"{stats['ttft_p95'] * 1e3:.0f} ms p99 {stats['ttft_p99'] * 1e3:.0f} ms, ITL p50 "
+              f"{stats['itl_p50'] * 1e3:.1f} ms p99 {stats['itl_p99'] * 1e3:.1f} ms, failed {stats['failed']}",
+              flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Run the load test; print and return the measurements."""
+    """Run the load test (and the soak); print and return the measurements."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama", choices=["llama", "llama-tiny"])
     parser.add_argument("--levels", default="1,4,16")
@@ -193,60 +310,104 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rate", type=float, default=50.0, help="Poisson arrival rate (requests/s)")
     parser.add_argument("--baseline-requests", type=int, default=4, help="requests timed for each baseline")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp's server")
+    parser.add_argument("--no-load", action="store_true", help="skip the load levels and baselines (soak only)")
     parser.add_argument("--soak", type=float, default=0.0,
-                        help="also run a soak of this many seconds at the queue limit (max-batch 16, max-queue 16, "
-                             "48 callers)")
+                        help="then soak formerkit serve for this many seconds (16 rows, 16 queue places, 24 callers)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.levels.split(",")]
     counts = [int(x) for x in args.requests.split(",")]
-    print(f"machine: {describe_machine()}")
+    print(f"machine: {describe_machine()}", flush=True)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / args.model
         theirs = save_reference(args.model, directory)
         ours = fk.from_pretrained(directory).eval()
         tok = fk.load_tokenizer(directory)
-        n = args.new_tokens
-        prompts = prompts_for(max(counts))
-        proc, url = start_server(directory, max(levels), args.threads)
-        try:
-            first = httpx.post(f"{url}/v1/completions", timeout=600, json={
-                "prompt": prompts[0], "max_tokens": n, "temperature": 0, "ignore_eos": True}).json()
-            alone = fk.generate(ours, [prompts[0]], max_new_tokens=n, eos_token_id=[])[0, len(prompts[0]):]
-            results["greedy_equal"] = first["choices"][0]["text"] == tok.decode(alone.tolist())
-            print(f"server greedy text == fk.generate alone: {results['greedy_equal']}")
-            for level, count in zip(levels, counts, strict=True):
-                stats = asyncio.run(load(f"{url}", prompts[:count], level, args.rate, n))
-                results[f"serve@{level}"] = stats
-                print(f"serve, concurrency {level:2d} ({count} requests): {stats['tok_s']:7.1f} tok/s, "
-                      f"{stats['req_s']:.2f} req/s, TTFT p50 {stats['ttft_p50'] * 1e3:.0f} ms p99 "
-                      f"{stats['ttft_p99'] * 1e3:.0f} ms, ITL p50 {stats['itl_p50'] * 1e3:.1f} ms p99 "
-                      f"{stats['itl_p99'] * 1e3:.1f} ms, failed {stats['failed']}")
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        prompts = prompts_for(max(counts), tok)
+        if not args.no_load:
+            load_and_baselines(args, directory, ours, theirs, tok, prompts, levels, counts, results)
         if args.soak:
-            proc, url = start_server(directory, 16, args.threads, max_queue=16)
+            proc, url = formerkit_server(directory, args.threads, max_queue=16)
             try:
-                results["soak"] = asyncio.run(soak(url, prompts, args.soak, 48, n))
+                results["soak"] = asyncio.run(soak(url, proc.pid, prompts, args.soak, 24, ours.config.max_seq_len))
             finally:
-                proc.terminate()
-                proc.wait(30)
-            print(f"soak, {args.soak:.0f} s at the queue limit (16 rows, 16 queued, 48 callers): {results['soak']}")
-        base = prompts[:args.baseline_requests]
-        with torch.no_grad():
-            results["fk_sequential"] = sequential(
-                lambda p: fk.generate(ours, [p], max_new_tokens=n, eos_token_id=[]).shape[1] - len(p), base)
-            results["hf_sequential"] = sequential(
-                lambda p: theirs.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                          pad_token_id=0).shape[1] - len(p), base)
+                stop(proc)
+            report_soak(args.soak, results["soak"])
+    return results
+
+
+def load_and_baselines(args, directory: Path, ours, theirs, tok, prompts: list[str], levels, counts,
+                       results: dict) -> None:
+    """The load levels against formerkit serve (and llama.cpp's server), then the sequential baselines."""
+    n = args.new_tokens
+    proc, url = formerkit_server(directory, args.threads)
+    try:
+        first = asyncio.run(first_text(url, "formerkit", prompts[0], n))
+        ids = tok.encode(prompts[0])
+        alone = fk.generate(ours, [ids], max_new_tokens=n, eos_token_id=[])[0, len(ids):]
+        results["greedy_equal"] = first == tok.decode(alone.tolist())
+        print(f"formerkit serve greedy text == fk.generate alone: {results['greedy_equal']}", flush=True)
+        run_levels("formerkit serve", url, "formerkit", prompts, args, levels, counts, results)
+    finally:
+        stop(proc)
+    why = "--no-llamacpp" if args.no_llamacpp else llamacpp.available() or server_missing()
+    if why:
+        print(f"llama.cpp's server skipped: {why}")
+    else:
+        gguf = llamacpp.convert(directory, directory / "model-f32.gguf", "fp32")
+        proc, url = llamacpp_server(gguf, args.threads)
+        try:
+            theirs_text = asyncio.run(first_text(url, "llama.cpp", prompts[0], n))
+            print(f"llama.cpp greedy text == formerkit's: {theirs_text == first}", flush=True)
+            run_levels("llama.cpp server", url, "llama.cpp", prompts, args, levels, counts, results)
+        finally:
+            stop(proc)
+    base = [tok.encode(p) for p in prompts[:args.baseline_requests]]
+    with torch.no_grad():
+        results["fk_sequential"] = sequential(
+            lambda p: fk.generate(ours, [p], max_new_tokens=n, eos_token_id=[]).shape[1] - len(p), base)
+        results["hf_sequential"] = sequential(
+            lambda p: theirs.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                      pad_token_id=0).shape[1] - len(p), base)
     print(f"sequential fk.generate: {results['fk_sequential']:.1f} tok/s; sequential transformers generate: "
           f"{results['hf_sequential']:.1f} tok/s")
-    top = results[f"serve@{max(levels)}"]["tok_s"]
-    print(f"serve at concurrency {max(levels)} / sequential transformers: {top / results['hf_sequential']:.2f}x; "
-          f"/ sequential fk.generate: {top / results['fk_sequential']:.2f}x")
-    return results
+    top = max(levels)
+    ours_top = results[f"formerkit serve@{top}"]["tok_s"]
+    line = (f"formerkit serve at concurrency {top}: {ours_top / results['hf_sequential']:.2f}x sequential "
+            f"transformers, {ours_top / results['fk_sequential']:.2f}x sequential fk.generate")
+    if f"llama.cpp server@{top}" in results:
+        line += f", {ours_top / results[f'llama.cpp server@{top}']['tok_s']:.2f}x llama.cpp's server"
+    print(line)
+
+
+def server_missing() -> str | None:
+    """Why llama-cpp-python's server cannot run here (its extras missing), or None."""
+    try:
+        import llama_cpp.server.app  # noqa: F401
+    except ImportError as err:
+        return f"{err}; pip install 'llama-cpp-python[server]=={llamacpp.VERSION}'"
+    return None
+
+
+async def first_text(url: str, server: str, prompt: str, new_tokens: int) -> str:
+    """The streamed greedy text of one request for ``prompt`` (also warms the server up)."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        result = await one_request(client, request_body(server, prompt, new_tokens), new_tokens)
+    if not result["ok"]:
+        raise RuntimeError(f"{server}: the first request failed: {result}")
+    return result["text"]
+
+
+def report_soak(seconds: float, result: dict) -> None:
+    """Print the soak's outcome counts, memory and latency per window."""
+    counts = {k: result[k] for k in ("ok", "cancelled", "bad_400", "refused_429", "errors")}
+    print(f"soak, {seconds:.0f} s (16 rows, 16 queue places, 24 callers): {counts}; rows and queue empty "
+          f"afterwards: {result['idle_after']}")
+    print("  RSS MiB over time: " + ", ".join(f"{t:.0f}s {m:.0f}" for t, m in result["rss_mib"]))
+    print("  p95 latency of completed requests per 30 s window: "
+          + ", ".join(f"{p:.1f}s (n={c})" if c else "none (n=0)" for c, p in result["p95_by_window"]))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from formerkit.errors import InputError
 from formerkit.generate.decode import generate
 from formerkit.serve import ContextLengthError, Engine, QueueFullError, SamplingParams
 from formerkit.serve import engine as engine_module
+from formerkit.serve.prefill import prefill_groups
 from formerkit.serve.slots import shift_window
 
 SMALL = dict(n_layers=2, d_model=32, n_heads=4, d_ff=48, vocab_size=64, max_seq_len=64, tie_embeddings=False)
@@ -65,6 +66,44 @@ def test_greedy_equals_generating_alone_under_staggered_arrivals(preset, extra, 
     else:
         assert min(shifts) < 0 < max(shifts)  # the window moved back (cache end) and forward (a longer prompt)
     assert engine.idle and all(r is None for r in engine.rows)
+
+
+@pytest.mark.parametrize("preset,extra", [("llama", {}), ("gpt2", {"position": "alibi"})])
+def test_prompts_admitted_in_one_step_are_prefilled_together_and_match_generating_alone(preset, extra):
+    model = _decoder(preset, **extra)
+    engine = Engine(model, max_batch=6, max_model_len=40)
+    # two requests already decoding (their rows hold 8 and 7 tokens), then waves of arrivals of different
+    # lengths, each wave admitted in one step beside them; the last wave is longer than every running row
+    waves = [[([1] * 5 + [2, 3, 4], 24), ([7, 8, 9, 10, 11, 12, 13], 20)],
+             [(PROMPTS[2], 9), (list(range(20, 32)), 6), (list(range(5, 16)), 11), (PROMPTS[5], 5)],
+             [(list(range(10, 31)), 8), (list(range(40, 58)), 4)]]
+    requests, passes = [], []
+    for wave in waves:
+        before = engine.metrics.prefills
+        requests += [(engine.submit(p, SamplingParams(max_tokens=m)), p, m) for p, m in wave]
+        engine.step()
+        passes.append(engine.metrics.prefills - before)
+        for _ in range(3):
+            engine.step()
+    engine.run_until_idle()
+    assert passes == [1, 1, 1]  # each wave: one left-padded pass (lengths within the fill rule)
+    for request, prompt, m in requests:
+        assert request.tokens == _alone(model, prompt, m), (prompt, m)
+
+
+@pytest.mark.parametrize("lengths", [[40, 3, 39, 12, 13, 1, 64, 30, 29, 31, 7], [5] * 9, [100], [9, 1]])
+def test_prefill_groups_partition_the_prompts_within_the_budget_and_fill(lengths):
+    groups = prefill_groups(lengths, budget=96, fill=0.75)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        longest = max(lengths[i] for i in group)
+        assert len(group) == 1 or (len(group) * longest <= 96
+                                   and sum(lengths[i] for i in group) >= 0.75 * len(group) * longest)
+    # greedy is maximal: the next prompt (longest first) did not fit in the group before it
+    for first, second in zip(groups, groups[1:], strict=False):
+        longest, nxt = lengths[first[0]], lengths[second[0]]
+        slots = (len(first) + 1) * longest
+        assert slots > 96 or sum(lengths[i] for i in first) + nxt < 0.75 * slots
 
 
 def test_seeded_sampling_is_per_row_and_matches_generate_with_the_seed():

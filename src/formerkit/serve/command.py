@@ -8,7 +8,11 @@ need them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from formerkit.cliargs import non_negative_int, positive_int
@@ -55,15 +59,38 @@ def build_app(checkpoint: str | Path, *, max_batch: int = 8, max_queue: int = 64
                       api_key=api_key, request_timeout=request_timeout, max_body_bytes=max_body_bytes)
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    """``formerkit serve``: run the OpenAI-compatible server until interrupted."""
-    require_serving()
+def stoppable_server(app, host: str, port: int):
+    """A uvicorn ``Server`` for ``app`` that ends its run normally on SIGINT or SIGTERM.
+
+    Either signal asks for a graceful shutdown (open requests finish, the engine stops); a
+    second SIGINT forces it. Unlike uvicorn's own handling, the signal is not raised again
+    once the server has stopped, so a stop request ends ``formerkit serve`` with exit code 0.
+    """
     import uvicorn
 
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """``formerkit serve``: run the OpenAI-compatible server until SIGINT or SIGTERM (then exit code 0)."""
+    require_serving()
     app = build_app(args.checkpoint, max_batch=args.max_batch, max_queue=args.max_queue,
                     max_model_len=args.max_model_len, api_key=args.api_key, request_timeout=args.timeout,
                     model_name=args.model_name)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    stoppable_server(app, args.host, args.port).run()
 
 
 def add_serve_command(subparsers: argparse._SubParsersAction) -> None:

@@ -2,9 +2,10 @@
 
 Every ``step`` the scheduler
 1. retires cancelled and timed-out requests (their rows are free at once);
-2. admits waiting requests into free rows: each prompt is prefilled ALONE (a one-row cache,
-   exactly as ``fk.generate`` prefills it), copied into its row (``slots.insert_row``), and
-   its first token chosen from the prefill's logits;
+2. admits waiting requests into free rows: their prompts are prefilled together, as left-padded
+   batches of similar lengths (``prefill.prefill_groups``), exactly as ``fk.generate`` prefills
+   a left-padded batch; each prompt is copied into its row (``slots.insert_row``) and its first
+   token chosen from its row of the prefill's logits;
 3. decodes every running row in one forward pass (``Transformer.decode`` over the leading rows
    that hold them, ``slots.leading_rows``: rows hold different numbers of tokens, laid out
    like a left-padded batch), and chooses each row's token with that request's own options
@@ -34,10 +35,11 @@ from torch import nn
 from formerkit.cache import KVCache
 from formerkit.errors import InputError
 from formerkit.generate.config import GenerationConfig, special_ids
-from formerkit.generate.steps import decode_step, inference, prefill
+from formerkit.generate.steps import decode_step, inference
 from formerkit.generate.text import TEXT_CONTEXT, RowText
 from formerkit.layers.linear import tune_linears
 from formerkit.serve.metrics import Metrics
+from formerkit.serve.prefill import prefill_batch, prefill_groups
 from formerkit.serve.sampling import RowSampler, SamplingParams, TokenLogprobs
 from formerkit.serve.slots import insert_row, leading_rows, shift_window
 from formerkit.tokenizers import Tokenizer
@@ -216,8 +218,8 @@ class Engine:
         for request in self.rows:
             if request is not None and (request.cancelled or (request.deadline is not None and now > request.deadline)):
                 self._finish(request, "cancelled" if request.cancelled else "timeout")
-        for request in admitted:
-            self._admit(request)
+        if admitted:
+            self._admit(admitted)
         if any(r is not None for r in self.rows):
             self._decode()
         with self.metrics.lock:
@@ -259,29 +261,58 @@ class Engine:
 
     # ---- one request ----
 
-    def _admit(self, request: Request) -> None:
-        """Prefill ``request`` alone, copy it into a free row, and emit its first token."""
-        n = len(request.prompt)
-        try:
-            with inference(self.model):
-                single = KVCache.for_model(self.model, 1, n)
-                ids = torch.tensor([request.prompt], dtype=torch.long, device=self.device)  # (1, T)
-                logits = prefill(self.model, ids, None, single)  # (1, V)
-        except Exception as err:  # the model failed on this prompt: fail this request only
-            self._finish(request, "error", err)
-            return
-        row = self.rows.index(None)
+    def _admit(self, requests: list[Request]) -> None:
+        """Prefill the admitted ``requests`` in batches (``prefill_groups``); place each in a row, emit its first token.
+
+        When a batched pass raises, its prompts are prefilled again one at a time, so only a
+        prompt the model cannot run fails (that request alone, with finish_reason "error").
+        """
+        for group in prefill_groups([len(r.prompt) for r in requests]):
+            batch = [requests[i] for i in group]
+            try:
+                prefilled, logits = self._prefill(batch)
+            except Exception as err:  # the model failed on this batch: find the prompt(s) it fails on
+                if len(batch) == 1:
+                    self._finish(batch[0], "error", err)
+                else:
+                    self._admit_one_by_one(batch)
+                continue
+            self._place(batch, prefilled, logits)
+
+    def _admit_one_by_one(self, requests: list[Request]) -> None:
+        """Prefill each of ``requests`` alone; one the model fails on ends with "error", the others are placed."""
+        for request in requests:
+            try:
+                prefilled, logits = self._prefill([request])
+            except Exception as err:
+                self._finish(request, "error", err)
+                continue
+            self._place([request], prefilled, logits)
+
+    def _prefill(self, batch: list[Request]) -> tuple[KVCache, torch.Tensor]:
+        """One prefill pass over ``batch`` as a left-padded batch: (its cache, the next-token logits (B, V))."""
+        with inference(self.model):
+            prefilled, logits = prefill_batch(self.model, [r.prompt for r in batch], self.special.pad)
+        with self.metrics.lock:
+            self.metrics.prefills += 1
+        return prefilled, logits
+
+    def _place(self, batch: list[Request], prefilled: KVCache, logits: torch.Tensor) -> None:
+        """Copy each request of a prefilled ``batch`` into a free row and emit its first token from logits (B, V)."""
         if not any(r is not None for r in self.rows):
             self.cache.truncate(0)
-            self.cache.advance(n)
-        elif self.cache.length < n:
-            shift_window(self.cache, n)
-        insert_row(self.cache, row, single)
-        request.row, request.cached = row, n
-        self.rows[row] = request
-        with self.metrics.lock:
-            self.metrics.prompt_tokens += n
-        self._emit(request, *request._sampler.choose(logits))
+            self.cache.advance(prefilled.length)
+        elif self.cache.length < prefilled.length:
+            shift_window(self.cache, prefilled.length)
+        for b, request in enumerate(batch):
+            n = len(request.prompt)
+            row = self.rows.index(None)
+            insert_row(self.cache, row, prefilled, b, n)
+            request.row, request.cached = row, n
+            self.rows[row] = request
+            with self.metrics.lock:
+                self.metrics.prompt_tokens += n
+            self._emit(request, *request._sampler.choose(logits[b:b + 1]))
 
     def _decode(self) -> None:
         """Feed every running row its last token in one forward pass and choose each row's next token."""

@@ -49,6 +49,7 @@ class Metrics:
         self.waiting = 0
         self.running = 0
         self.steps = 0
+        self.prefills = 0
         self.ttft = Histogram()
         self.itl = Histogram()
 
@@ -64,6 +65,8 @@ class Metrics:
                 ("prompt_tokens_total", "counter", "Prompt tokens prefilled.", self.prompt_tokens),
                 ("generation_tokens_total", "counter", "Tokens generated.", self.generation_tokens),
                 ("decode_steps_total", "counter", "Batched decoding steps run.", self.steps),
+                ("prefill_passes_total", "counter", "Prefill forward passes run (each over one or more prompts).",
+                 self.prefills),
                 ("queue_depth", "gauge", "Requests waiting for a batch row.", self.waiting),
                 ("running_requests", "gauge", "Requests holding a batch row.", self.running),
                 ("batch_occupancy", "gauge", "Fraction of the batch rows in use.", self.running / self.max_batch),

@@ -6,8 +6,8 @@ tokens occupies slots [cursor - n, cursor), and its earlier slots are masked as 
 (``key_mask`` False). This is exactly the layout of a left-padded batch, which
 ``Transformer.decode`` already runs; these helpers only move data between rows and slots:
 
-- ``insert_row`` copies a prompt prefilled alone (a batch-1 cache) into one row, ending at
-  the cursor, and masks the rest of that row;
+- ``insert_row`` copies one prompt of a prefilled left-padded batch (or a prompt prefilled
+  alone) into one row, ending at the cursor, and masks the rest of that row;
 - ``shift_window`` moves every row's last ``keep`` slots to [0, keep) (or further right), so
   the cursor can be moved back when it reaches the end of the buffer, or forward when a new
   prompt is longer than the cursor.
@@ -18,20 +18,24 @@ from __future__ import annotations
 from formerkit.cache import KVCache
 
 
-def insert_row(cache: KVCache, row: int, prefilled: KVCache) -> None:
-    """Copy the n tokens of ``prefilled`` (a one-row cache) into ``row`` of ``cache`` at slots [cursor - n, cursor).
+def insert_row(cache: KVCache, row: int, prefilled: KVCache, src: int = 0, n: int | None = None) -> None:
+    """Copy the last ``n`` written slots of row ``src`` of ``prefilled`` to ``row`` of ``cache``, [cursor - n, cursor).
 
-    The row's other slots are masked (``key_mask`` False), so nothing left there by an earlier
-    request is attended to. Needs cache.length >= n (see ``shift_window``).
+    ``prefilled`` is a cache filled by one prefill pass over a left-padded batch, so row ``src``'s
+    ``n`` real tokens are its last ``n`` written slots (n defaults to all of them: a one-row cache
+    of one prompt). The row's other slots are masked (``key_mask`` False), so nothing left there by
+    an earlier request is attended to. Needs cache.length >= n (see ``shift_window``).
     """
-    n, end = prefilled.length, cache.length
+    n = prefilled.length if n is None else n
+    first, last = prefilled.length - n, prefilled.length
+    end = cache.length
     start = end - n
-    for dst, src in zip(cache.layers, prefilled.layers, strict=True):
-        dst.k[row, :, start:end] = src.k[0, :, :n]  # (KV, n, D)
-        dst.v[row, :, start:end] = src.v[0, :, :n]
+    for dst, source in zip(cache.layers, prefilled.layers, strict=True):
+        dst.k[row, :, start:end] = source.k[src, :, first:last]  # (KV, n, D)
+        dst.v[row, :, start:end] = source.v[src, :, first:last]
     cache.key_mask[row] = False
-    cache.key_mask[row, start:end] = prefilled.key_mask[0, :n]
-    cache.positions[row, start:end] = prefilled.positions[0, :n]
+    cache.key_mask[row, start:end] = prefilled.key_mask[src, first:last]
+    cache.positions[row, start:end] = prefilled.positions[src, first:last]
     cache.padded = True
 
 
