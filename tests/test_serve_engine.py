@@ -184,6 +184,8 @@ def test_queue_limit_context_length_and_bad_options_are_refused():
     with pytest.raises(InputError, match=r"\[0, 64\)"):
         engine.submit([64], SamplingParams())
     engine.run_until_idle()
+    with pytest.raises(InputError, match="linear-attention model"):
+        Engine(_decoder(attn_type="linear"))
 
 
 def test_a_request_that_fails_in_the_model_fails_alone():

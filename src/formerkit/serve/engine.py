@@ -118,6 +118,9 @@ class Engine:
         if cfg.kind != "decoder" or getattr(model, "lm_head", None) is None:
             raise InputError(f"the serving engine generates with decoder-only models with a language-model head; "
                              f"this is a kind={cfg.kind!r} model with head={cfg.head!r}")
+        if cfg.attn_type == "linear":
+            raise InputError("the serving engine moves each request's keys and values between cache rows, and a "
+                             "linear-attention model keeps a running state instead; generate with fk.generate")
         if max_batch < 1 or max_queue < 0:
             raise InputError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tokenizer = model, tokenizer
