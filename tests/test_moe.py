@@ -17,6 +17,7 @@ from formerkit.errors import ConfigError
 from formerkit.layers.moe import MoE, router_losses
 from formerkit.train.config import TrainConfig
 from formerkit.train.objectives import with_router_losses
+from formerkit.train.parallel import Wrapped
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = require("transformers")
@@ -211,7 +212,10 @@ def test_router_losses_closed_form_and_in_the_training_loss():
     balance, z = router_losses(model)
     assert abs(float(balance) - 2.0) < 1e-6  # balanced: k
     assert abs(float(z) - math.log(4) ** 2) < 1e-5  # logsumexp of 4 zeros, squared
-    assert float(with_router_losses(ce, model, (0.1, 0.01))) == pytest.approx(float(ce) + 0.2 + 0.01 * math.log(4) ** 2)
+    expected = float(ce) + 0.1 * 2.0 + 0.01 * math.log(4) ** 2
+    assert float(with_router_losses(ce, model, (0.1, 0.01))) == pytest.approx(expected)
+    wrapped = Wrapped(model, None, False)  # what the trainer passes
+    assert float(with_router_losses(ce, wrapped, (0.1, 0.01))) == pytest.approx(expected)
     dense = fk.Transformer(fk.ModelConfig.from_preset("llama", **{**SMALL, "n_experts": 0}))
     loss = dense(ids, labels=ids).loss
     assert with_router_losses(loss, dense, (0.1, 0.01)) is loss

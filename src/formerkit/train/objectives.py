@@ -33,12 +33,14 @@ def split_micro(batch: Batch, parts: int) -> list[Batch]:
     return [{k: chunks[k][i] for k in batch} for i in range(parts)]
 
 
-def with_router_losses(loss: torch.Tensor, model: nn.Module, coefs: tuple[float, float]) -> torch.Tensor:
+def with_router_losses(loss: torch.Tensor, model, coefs: tuple[float, float]) -> torch.Tensor:
     """``loss`` + aux_coef * load-balancing loss + z_coef * router z-loss of ``model``'s latest forward.
 
-    ``coefs`` is (aux_coef, z_coef); a model without experts (or both coefficients 0) returns ``loss``.
+    ``model``: the module, or the trainer's wrapper of it (its ``module``). ``coefs`` is (aux_coef,
+    z_coef); a model without experts (or both coefficients 0) returns ``loss``.
     """
-    losses = router_losses(model) if any(coefs) else None
+    module = model if isinstance(model, nn.Module) else model.module
+    losses = router_losses(module) if any(coefs) else None
     if losses is None:
         return loss
     return loss + coefs[0] * losses[0] + coefs[1] * losses[1]
