@@ -97,8 +97,8 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> str:
-    """Run both variants and print (and return) the report."""
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run both variants, print the report and return each variant's numbers (see ``run``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--experts", type=int, default=8)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> str:
     torch.set_num_threads(args.threads)
     text = f"{describe_machine()}; {args.steps} steps of {args.batch} x {args.seq_len} tokens\n\n{report(rows)}"
     print(text)
-    return text
+    return rows
 
 
 if __name__ == "__main__":

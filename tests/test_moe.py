@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import formerkit as fk
-from conftest import PARITY_TOL, parity_error, reinit_for_parity, require
+from conftest import PARITY_TOL, load_script, parity_error, reinit_for_parity, require
 from formerkit.cache import KVCache
 from formerkit.errors import ConfigError
 from formerkit.layers.moe import MoE, router_losses
@@ -301,3 +301,16 @@ def test_hf_export_refusals(tmp_path):
                                                                       "out_bias": False}))
     with pytest.raises(ConfigError, match="qwen2_moe.*shared_expert_d_ff=0"):
         fk.save_pretrained(no_shared, tmp_path, format="hf")
+
+
+@pytest.mark.slow
+def test_the_training_benchmark_runs(tmp_path, capsys):
+    (tmp_path / "text.txt").write_text("def add(a, b):\n    return a + b\n\n" * 300)
+    bench = load_script("benchmarks/moe_train.py")
+    rows = bench.main(["--quick", "--steps", "12", "--evals", "2", "--source", str(tmp_path / "text.txt"),
+                       "--tokenizer", "byte", "--seq-len", "16", "--batch", "2", "--threads", "1"])
+    dense, moe = rows
+    assert dense["total"] == dense["active"] and moe["total"] > 2 * moe["active"]
+    assert abs(moe["active"] - dense["active"]) < 0.05 * dense["active"]  # equal active size, the routers aside
+    assert [step for step, _, _ in moe["evals"]] == [6, 12] and all(math.isfinite(v) for _, _, v in moe["evals"])
+    assert "| moe 8x top-2 |" in capsys.readouterr().out
