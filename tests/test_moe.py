@@ -15,7 +15,9 @@ from conftest import PARITY_TOL, load_script, parity_error, reinit_for_parity, r
 from formerkit.cache import KVCache
 from formerkit.errors import ConfigError
 from formerkit.layers.moe import MoE, router_losses
+from formerkit.train import train
 from formerkit.train.config import TrainConfig
+from formerkit.train.logging import read_metrics
 from formerkit.train.objectives import with_router_losses
 from formerkit.train.parallel import Wrapped
 
@@ -314,3 +316,31 @@ def test_the_training_benchmark_runs(tmp_path, capsys):
     assert abs(moe["active"] - dense["active"]) < 0.05 * dense["active"]  # equal active size, the routers aside
     assert [step for step, _, _ in moe["evals"]] == [6, 12] and all(math.isfinite(v) for _, _, v in moe["evals"])
     assert "| moe 8x top-2 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_training_resumes_bit_exactly(tmp_path):
+    """A MoE run (router losses in its loss, tokens dropped at capacity) resumed from its middle checkpoint
+    reaches the same losses bit for bit."""
+    (tmp_path / "text.txt").write_text("".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(400)))
+
+    def run(resume) -> dict[int, tuple[float, float]]:
+        train(TrainConfig.from_dict({
+            "model": {**{k: v for k, v in SMALL.items() if k != "vocab_size"}, "preset": "llama",
+                      "capacity_factor": 1.0, "shared_expert_d_ff": 8},
+            "data": {"source": str(tmp_path / "text.txt"), "tokenizer": "byte", "cache_dir": str(tmp_path / "c")},
+            "train": {"steps": 8, "batch_size": 4, "seq_len": 16, "precision": "fp32", "attention": "sdpa",
+                      "threads": 1},
+            "optim": {"warmup_steps": 2, "kernel": "foreach"},
+            "eval": {"every": 8, "batches": 1},
+            "checkpoint": {"run_dir": str(tmp_path / "run"), "every": 4, "resume": resume},
+            "log": {"every": 1, "progress": False, "tensorboard": False, "samples": 0},
+        }))
+        return {r["step"]: (r["loss"], r["time"]) for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+                if r["split"] == "train"}
+
+    straight = run(True)
+    resumed = run("step-0000004")
+    assert sorted(resumed) == list(range(1, 9))
+    assert all(resumed[s][1] > straight[8][1] for s in range(5, 9))  # steps 5-8 ran again
+    assert {s: loss for s, (loss, _) in resumed.items()} == {s: loss for s, (loss, _) in straight.items()}
