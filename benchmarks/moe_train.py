@@ -1,9 +1,10 @@
 """Dense vs mixture of experts at equal active parameters: loss per step and per second on the embedded corpus.
 
 Both runs are ``formerkit train`` (the product path: token cache, windows, AdamW, warmup + cosine,
-evaluation, checkpoint) on the same data in the same order, from the same seed, with the demo's
-model shape (examples/demo.yaml: Llama-style, 4 layers, d_model 128, SwiGLU). The dense model's
-feed-forward is d_ff 352; the mixture of experts has ``--experts`` experts of width 352 / k, k = 2
+evaluation, checkpoint) on the same data in the same order, from the same seed, with half the
+demo's widths (examples/demo.yaml: Llama-style, 4 layers, here d_model 64, SwiGLU, a 1,024-token BPE),
+so that both runs take about 5 minutes on a loaded 2-core machine. The dense model's feed-forward
+is d_ff 176; the mixture of experts has ``--experts`` experts of width 176 / k, k = 2
 per token, so each token runs as many feed-forward weights as in the dense model (equal active
 parameters; the router adds d_model * experts per layer) while the model holds ``experts / k``
 times the feed-forward weights. The MoE run adds the load-balancing loss (coefficient 0.01) and the
@@ -13,7 +14,7 @@ Reported: parameters (total, active per token), seconds per training step (evalu
 and the validation loss at each evaluation with the seconds of training until then (steps x seconds
 per step), so the loss per step and per second can be read side by side.
 
-    python benchmarks/moe_train.py [--steps 300] [--experts 8] [--threads 2] [--source stdlib]
+    python benchmarks/moe_train.py [--steps 200] [--experts 8] [--threads 2] [--source stdlib]
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from formerkit.layers.moe import MoE
 from formerkit.train import TrainConfig, train
 from formerkit.train.logging import METRICS_FILE, read_metrics
 
-SHAPE = {"preset": "llama", "n_layers": 4, "d_model": 128, "n_heads": 2, "n_kv_heads": 2, "d_ff": 352,
-         "max_seq_len": 256, "tie_embeddings": True}
+SHAPE = {"preset": "llama", "n_layers": 4, "d_model": 64, "n_heads": 2, "n_kv_heads": 2, "d_ff": 176,
+         "max_seq_len": 128, "tie_embeddings": True}
 QUICK = {"preset": "llama", "n_layers": 2, "d_model": 32, "n_heads": 2, "n_kv_heads": 2, "d_ff": 64,
          "max_seq_len": 64, "tie_embeddings": True}
 TOP_K = 2
@@ -100,15 +101,15 @@ def report(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run both variants, print the report and return each variant's numbers (see ``run``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--evals", type=int, default=4, help="evaluations per run (the last at the end)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--source", default=None, help="text source (default: the embedded corpus)")
     parser.add_argument("--tokenizer", default="bpe")
-    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--quick", action="store_true", help="a tiny model (for tests)")
     args = parser.parse_args(argv)
     shape = QUICK if args.quick else SHAPE
