@@ -15,6 +15,11 @@ and the validation loss at each evaluation with the seconds of training until th
 per step), so the loss per step and per second can be read side by side.
 
     python benchmarks/moe_train.py [--steps 200] [--experts 8] [--threads 2] [--source stdlib]
+    python benchmarks/moe_train.py --timing-rounds 40   # step times only, the variants taking turns
+
+The two runs follow each other, so on a shared machine their seconds per step differ by the load
+of the moment as much as by the models; ``--timing-rounds`` measures the step times with the two
+models taking turns, step by step, in one process.
 """
 
 from __future__ import annotations
@@ -82,6 +87,35 @@ def run(name: str, model_cfg: dict, args: argparse.Namespace, work: Path) -> dic
     return {"name": name, "total": total, "active": active, "per_step": per_step, "evals": losses}
 
 
+def interleaved_step_times(shape: dict, experts: int, args: argparse.Namespace, rounds: int) -> dict[str, float]:
+    """Median seconds of one training step (forward, backward, AdamW) of each variant, the variants taking
+    turns step by step on the same random batch, so a shared machine's changing load falls on both alike."""
+    import statistics
+    import time
+
+    from formerkit.config import ModelConfig
+    from formerkit.model import Transformer
+    from formerkit.train.objectives import with_router_losses
+
+    torch.set_num_threads(args.threads)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    models, times = {}, {}
+    for name, model_cfg in variants(shape, experts).items():
+        fields = {k: v for k, v in model_cfg.items() if k != "preset"}
+        model = Transformer(ModelConfig.from_preset(model_cfg["preset"], vocab_size=args.vocab, **fields))
+        models[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True))
+        times[name] = []
+    for _ in range(rounds):
+        for name, (model, optimizer) in models.items():
+            start = time.perf_counter()
+            loss = with_router_losses(model(ids, labels=ids).loss, model, (0.01, 0.001))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
+
+
 def report(rows: list[dict]) -> str:
     """The markdown tables: sizes and speed, then validation loss per step and per second."""
     dense = rows[0]
@@ -111,8 +145,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tokenizer", default="bpe")
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--quick", action="store_true", help="a tiny model (for tests)")
+    parser.add_argument("--timing-rounds", type=int, default=0,
+                        help="only time training steps: this many steps of each variant, taking turns")
     args = parser.parse_args(argv)
     shape = QUICK if args.quick else SHAPE
+    if args.timing_rounds:
+        times = interleaved_step_times(shape, args.experts, args, args.timing_rounds)
+        dense = next(iter(times.values()))
+        text = f"{describe_machine()}; median s/step of {args.timing_rounds} interleaved steps of " \
+               f"{args.batch} x {args.seq_len} tokens\n" + "\n".join(
+                   f"{name}: {t:.4f} s ({t / dense:.2f}x dense)" for name, t in times.items())
+        print(text)
+        return [{"name": name, "per_step": t} for name, t in times.items()]
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run(name, model_cfg, args, Path(tmp)) for name, model_cfg in variants(shape, args.experts).items()]
     torch.set_num_threads(args.threads)

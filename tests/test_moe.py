@@ -316,6 +316,8 @@ def test_the_training_benchmark_runs(tmp_path, capsys):
     assert abs(moe["active"] - dense["active"]) < 0.05 * dense["active"]  # equal active size, the routers aside
     assert [step for step, _, _ in moe["evals"]] == [6, 12] and all(math.isfinite(v) for _, _, v in moe["evals"])
     assert "| moe 8x top-2 |" in capsys.readouterr().out
+    timed = bench.main(["--quick", "--timing-rounds", "2", "--vocab", "64", "--seq-len", "8", "--batch", "2"])
+    assert [r["name"] for r in timed] == ["dense", "moe 8x top-2"] and all(r["per_step"] > 0 for r in timed)
 
 
 @pytest.mark.slow
