@@ -214,10 +214,10 @@ def test_router_losses_closed_form_and_in_the_training_loss():
     balance, z = (loss.detach() for loss in router_losses(model))
     assert abs(float(balance) - 2.0) < 1e-6  # balanced: k
     assert abs(float(z) - math.log(4) ** 2) < 1e-5  # logsumexp of 4 zeros, squared
-    expected = float(ce) + 0.1 * 2.0 + 0.01 * math.log(4) ** 2
-    assert float(with_router_losses(ce, model, (0.1, 0.01))) == pytest.approx(expected)
+    expected = ce.item() + 0.1 * 2.0 + 0.01 * math.log(4) ** 2
+    assert with_router_losses(ce, model, (0.1, 0.01)).item() == pytest.approx(expected)
     wrapped = Wrapped(model, None, False)  # what the trainer passes
-    assert float(with_router_losses(ce, wrapped, (0.1, 0.01))) == pytest.approx(expected)
+    assert with_router_losses(ce, wrapped, (0.1, 0.01)).item() == pytest.approx(expected)
     dense = fk.Transformer(fk.ModelConfig.from_preset("llama", **{**SMALL, "n_experts": 0}))
     loss = dense(ids, labels=ids).loss
     assert with_router_losses(loss, dense, (0.1, 0.01)) is loss
