@@ -46,6 +46,9 @@ SWITCHES: dict[str, st.SearchStrategy] = {  # field -> values of a valid type an
     "num_labels": st.integers(1, 4),
     "init_std": st.floats(0.01, 0.5),
     "attn_dropout": st.floats(0.0, 0.5), "resid_dropout": st.floats(0.0, 0.5), "embed_dropout": st.floats(0.0, 0.5),
+    "n_experts": st.integers(0, 3), "experts_per_token": st.integers(1, 2), "moe_d_ff": st.none() | st.integers(1, 16),
+    "moe_renormalize": _FLAGS, "shared_expert_d_ff": st.integers(0, 8), "moe_layer_step": st.integers(1, 2),
+    "capacity_factor": st.none() | st.floats(0.25, 2.0),
 }
 # the decoder's own sizes, drawn only for an encoder-decoder (other kinds refuse them): field -> values
 DECODER_SIZES: dict[str, st.SearchStrategy] = {
@@ -55,7 +58,8 @@ DECODER_SIZES: dict[str, st.SearchStrategy] = {
 # the switches a Hugging Face family can hold for some preset: configs drawn with only these often translate
 HF_SWITCHES = ("activation", "head", "pooler", "tie_embeddings", "qkv_bias", "out_bias", "mlp_bias", "qk_norm",
                "sliding_window", "rope_theta", "norm_eps", "num_labels", "n_decoder_layers", "gated",
-               "decoder_n_heads", "decoder_d_ff")
+               "decoder_n_heads", "decoder_d_ff", "n_experts", "experts_per_token", "moe_renormalize",
+               "shared_expert_d_ff")
 
 
 @st.composite

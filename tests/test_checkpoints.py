@@ -55,6 +55,8 @@ def test_native_round_trip(preset, tmp_path):
     ("gpt2", {}), ("gpt2", {"tie_embeddings": False}), ("llama", {}), ("llama", {"qk_norm": True}),
     ("llama", {"qkv_bias": True}), ("llama", {"sliding_window": 4}), ("bert-base", {}),
     ("minilm-l6", {}), ("bert-base", {"head": "classifier", "pooler": True, "num_labels": 5}),
+    ("llama", {"n_experts": 4}),
+    ("llama", {"n_experts": 3, "qkv_bias": True, "out_bias": False, "shared_expert_d_ff": 16, "moe_dense_layers": [0]}),
 ])
 def test_name_tables_round_trip_both_ways(preset, kw):
     model = _small(preset, **kw)
@@ -74,7 +76,8 @@ def test_name_tables_round_trip_both_ways(preset, kw):
 
 
 def test_the_registry_holds_every_family():
-    assert set(FAMILIES) == {"gpt2", "bert", "llama", "mistral", "qwen2", "qwen3", "vit", "bart", "t5"}
+    assert set(FAMILIES) == {"gpt2", "bert", "llama", "mistral", "qwen2", "qwen3", "vit", "bart", "t5", "mixtral",
+                             "qwen2_moe"}
     assert all(f.model_type == name for name, f in FAMILIES.items())
 
 

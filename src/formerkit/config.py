@@ -128,6 +128,17 @@ class ModelConfig:
     exit_head: ExitHead = "shared"  # shared: the LM head behind a norm per exit; separate: a projection per exit too
     init_std: float = 0.02
 
+    # mixture of experts (layers/moe.py): a sparse feed-forward of n_experts, each token routed to the top k
+    n_experts: int = 0  # 0: every feed-forward is dense; > 0: sparse layers hold this many experts
+    experts_per_token: int = 2  # k: experts each token is routed to (softmax over all, then top-k)
+    moe_d_ff: int | None = None  # each expert's hidden width; None: d_ff
+    moe_renormalize: bool = True  # rescale the k routing weights to sum to 1 (Mixtral); False: raw softmax values
+    shared_expert_d_ff: int = 0  # an always-on shared expert behind a sigmoid gate (Qwen2-MoE); 0: none
+    moe_layer_step: int = 1  # layer i is sparse when (i + 1) % moe_layer_step == 0 (Qwen2-MoE decoder_sparse_step)
+    moe_dense_layers: list[int] | None = None  # layers kept dense whatever the step (Qwen2-MoE mlp_only_layers)
+    capacity_factor: float | None = None  # training: an expert takes at most ceil(factor * tokens * k / n_experts)
+    # tokens, the rest pass through unchanged by the residual (Switch); None: no token is dropped
+
     # images (Vision Transformer): a model with a patch_size reads pixel_values (B, C, H, W), not token ids
     image_size: int | None = None  # square images of image_size x image_size pixels
     patch_size: int | None = None  # square patches; None: a text model
@@ -143,6 +154,8 @@ class ModelConfig:
             self.eos_token_id = list(self.eos_token_id)
         if isinstance(self.exit_layers, tuple):
             self.exit_layers = list(self.exit_layers)
+        if isinstance(self.moe_dense_layers, tuple):
+            self.moe_dense_layers = list(self.moe_dense_layers)
         _validate(self)
 
     # ---- derived sizes -------------------------------------------------------------
@@ -161,14 +174,26 @@ class ModelConfig:
         """Whether any of n_heads, n_kv_heads, d_ff is a per-layer list (the layers differ in size)."""
         return any(isinstance(getattr(self, name), list) for name in LAYER_SIZES)
 
-    def layer_config(self, i: int) -> ModelConfig:
-        """The config layer ``i`` is built from: this one with layer i's n_heads, n_kv_heads and d_ff as integers.
+    def sparse_layer(self, i: int) -> bool:
+        """Whether layer ``i``'s feed-forward is a mixture of experts (n_experts > 0, the step, not listed dense)."""
+        return (self.n_experts > 0 and (i + 1) % self.moe_layer_step == 0
+                and i not in (self.moe_dense_layers or []))
 
-        Without per-layer lists it is this config.
+    def layer_config(self, i: int) -> ModelConfig:
+        """The config layer ``i`` is built from: this one with layer i's n_heads, n_kv_heads and d_ff as integers,
+        and ``n_experts=0`` when the layer's feed-forward is dense in a mixture-of-experts model.
+
+        Without per-layer lists or dense layers among sparse ones it is this config.
         """
-        if not self.per_layer_sizes:
-            return self
-        return dataclasses.replace(self, **{name: _at(getattr(self, name), i) for name in LAYER_SIZES})
+        changes = {name: _at(getattr(self, name), i) for name in LAYER_SIZES} if self.per_layer_sizes else {}
+        if self.n_experts > 0 and not self.sparse_layer(i):
+            changes["n_experts"] = 0
+        return dataclasses.replace(self, **changes) if changes else self
+
+    @property
+    def expert_d_ff(self) -> int | list[int]:
+        """The hidden width of each expert: moe_d_ff, else d_ff."""
+        return self.moe_d_ff if self.moe_d_ff is not None else self.d_ff
 
     @property
     def decoder_layers(self) -> int:
@@ -399,6 +424,7 @@ def _validate(cfg: ModelConfig) -> None:
     _validate_positions_and_decoding(cfg)
     _validate_decoder_sizes(cfg)
     _validate_label_names(cfg)
+    _validate_experts(cfg)
 
 
 def _validate_attention_variant(cfg: ModelConfig) -> None:
@@ -583,3 +609,36 @@ def _validate_images(cfg: ModelConfig) -> None:
         raise ConfigError(f"max_seq_len={cfg.max_seq_len} is smaller than the {cfg.num_patches} patches{cls} of a "
                           f"{cfg.image_size}x{cfg.image_size} image with patch_size={cfg.patch_size}; "
                           f"set max_seq_len={cfg.num_image_tokens}")
+
+
+def _validate_experts(cfg: ModelConfig) -> None:
+    """The mixture-of-experts fields: sizes, k <= n_experts, the sparse layers, the capacity factor."""
+    for name, low in [("n_experts", 0), ("experts_per_token", 1), ("shared_expert_d_ff", 0), ("moe_layer_step", 1)]:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    if cfg.moe_d_ff is not None and (not isinstance(cfg.moe_d_ff, int) or isinstance(cfg.moe_d_ff, bool)
+                                     or cfg.moe_d_ff <= 0):
+        raise ConfigError(f"moe_d_ff must be a positive integer or null (null: d_ff), got {cfg.moe_d_ff!r}")
+    dense = cfg.moe_dense_layers
+    if dense is not None:
+        if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
+            raise ConfigError(f"moe_dense_layers must be a list of layer indices or null, got {dense!r}")
+        outside = [i for i in dense if not 0 <= i < cfg.n_layers]
+        if outside:
+            raise ConfigError(f"moe_dense_layers names layer {outside[0]}, but the layers are 0..{cfg.n_layers - 1}; "
+                              "list indices of existing layers")
+    factor = cfg.capacity_factor
+    if factor is not None and (not isinstance(factor, (int, float)) or isinstance(factor, bool)
+                               or not math.isfinite(factor) or factor <= 0):
+        raise ConfigError(f"capacity_factor must be a positive number or null (null: no token dropped), "
+                          f"got {factor!r}")
+    if cfg.n_experts == 0:
+        return
+    if cfg.experts_per_token > cfg.n_experts:
+        raise ConfigError(f"experts_per_token={cfg.experts_per_token} exceeds n_experts={cfg.n_experts}; a token "
+                          f"is routed to at most every expert: set experts_per_token <= {cfg.n_experts}")
+    if not any(cfg.sparse_layer(i) for i in range(cfg.n_layers)):
+        raise ConfigError(f"n_experts={cfg.n_experts} but no layer is sparse (moe_layer_step={cfg.moe_layer_step}, "
+                          f"moe_dense_layers={dense}, n_layers={cfg.n_layers}); lower moe_layer_step or list fewer "
+                          "dense layers, or set n_experts=0 for a dense model")

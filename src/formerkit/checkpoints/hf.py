@@ -24,7 +24,12 @@ from formerkit.fileio import write_json
 
 
 def _split_sizes(cfg: ModelConfig, name: str, n_parts: int) -> list[int]:
-    """Rows of the q, k, v (or k, v) parts of the fused projection ``name``, with its stack's head sizes."""
+    """Rows of the q, k, v (or k, v) parts of the fused projection ``name``, with its stack's head sizes;
+    of each expert's slices of the stacked expert weights (gate, up: the expert width; down: d_model)."""
+    if name.endswith(".mlp.w_in"):
+        return [cfg.expert_d_ff] * n_parts
+    if name.endswith(".mlp.w_out"):
+        return [cfg.d_model] * n_parts
     sizes = cfg.decoder_config() if name.startswith("decoder.") else cfg
     q, kv = sizes.n_heads * sizes.head_dim, sizes.kv_heads * sizes.head_dim
     return [q, kv, kv] if n_parts == 3 else [kv, kv]

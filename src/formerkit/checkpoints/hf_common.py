@@ -37,6 +37,7 @@ class Family:
     where the base model's weights sit in a checkpoint with a head; ``ignored`` holds regular
     expressions of checkpoint tensors that carry no weight of formerkit's (buffers, unused
     heads). ``special_ids`` are transformers' defaults for the family's special token ids.
+    ``experts``: the family holds mixtures of experts, and only configs with ``n_experts`` > 0 are written as it.
     """
 
     model_type: str
@@ -53,6 +54,7 @@ class Family:
     ignored: tuple[str, ...] = ()
     special_ids: dict[str, int | None] = field(default_factory=dict)
     classifier: bool = False  # sequence-classification checkpoints are read and written
+    experts: bool = False  # the family's feed-forwards are mixtures of experts (written only for n_experts > 0)
 
 
 def activation(hf: dict[str, Any], key: str, default: str) -> str:

@@ -71,7 +71,8 @@ def _rope_theta(hf: dict[str, Any]) -> float:
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
-def _llama_in(hf: dict[str, Any]) -> dict[str, Any]:
+def llama_in(hf: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields of a Llama-family ``config.json`` (also the base of the mixture-of-experts families)."""
     model_type = hf["model_type"]
     n_heads = hf.get("num_attention_heads", 32)
     d_model = hf.get("hidden_size", 4096)
@@ -145,7 +146,7 @@ def _gpt2_architecture(head: str) -> str:
 
 def _llama_family(model_type: str) -> Family:
     return Family(
-        model_type=model_type, kind="decoder", position="rope", config_in=_llama_in, config_out=_llama_out,
+        model_type=model_type, kind="decoder", position="rope", config_in=llama_in, config_out=_llama_out,
         problems=_llama_problems, architecture=architecture_by_suffix(_LLAMA_PREFIX[model_type]),
         weights=lambda cfg: LLAMA, base_prefix="model.", fits=lambda cfg: llama_variant(cfg) == model_type,
         ignored=(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",), special_ids=_LLAMA_DEFAULT_IDS[model_type],

@@ -11,12 +11,14 @@ from __future__ import annotations
 from formerkit.checkpoints.hf_common import Family
 from formerkit.checkpoints.hf_decoders import DECODER_FAMILIES
 from formerkit.checkpoints.hf_encoders import ENCODER_FAMILIES
+from formerkit.checkpoints.hf_moe import MOE_FAMILIES
 from formerkit.checkpoints.hf_seq2seq import SEQ2SEQ_FAMILIES
 from formerkit.config import ModelConfig
 from formerkit.errors import ConfigError
 
 # in the order family_of tries them: the first family a config fits is the one it is written as
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (*ENCODER_FAMILIES, *SEQ2SEQ_FAMILIES, *DECODER_FAMILIES)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (*ENCODER_FAMILIES, *SEQ2SEQ_FAMILIES, *DECODER_FAMILIES,
+                                                            *MOE_FAMILIES)}
 
 
 def family_named(model_type: str | None) -> Family:
@@ -31,7 +33,7 @@ def family_named(model_type: str | None) -> Family:
 
 def _matches(family: Family, cfg: ModelConfig) -> bool:
     return (family.kind == cfg.kind and family.images == (cfg.patch_size is not None)
-            and family.position in (None, cfg.position) and family.fits(cfg))
+            and family.position in (None, cfg.position) and family.experts == (cfg.n_experts > 0) and family.fits(cfg))
 
 
 def family_of(cfg: ModelConfig) -> Family:
@@ -47,6 +49,10 @@ def family_of(cfg: ModelConfig) -> Family:
     if variants:
         raise ConfigError(f"{', '.join(variants)} has no Hugging Face layout; save with format='native' instead")
     family = next((f for f in FAMILIES.values() if _matches(f, cfg)), None)
+    if family is None and cfg.n_experts > 0:
+        raise ConfigError(f"a mixture of experts is written as a Hugging Face mixtral or qwen2_moe model (a decoder "
+                          f"with position='rope'), but this config has kind={cfg.kind!r}, position={cfg.position!r}; "
+                          "save with format='native' instead")
     if family is None:
         same_kind = [f for f in FAMILIES.values() if f.kind == cfg.kind and f.images == (cfg.patch_size is not None)]
         positions: dict[str, list[str]] = {}

@@ -3,7 +3,8 @@
 Each rule is ``(ours, theirs, transform)``; ``{i}`` stands for a layer index and ``{p}`` for
 ``weight``/``bias``. ``theirs`` is a tuple when several Hugging Face tensors make one of ours
 (q, k, v concatenated into the fused ``qkv`` projection). Transforms:
-``copy``; ``t`` (GPT-2's Conv1D stores weights transposed); ``cat`` (concatenate along dim 0);
+``copy``; ``t`` (GPT-2's Conv1D stores weights transposed); ``cat`` (concatenate along dim 0; also
+the per-expert tensors of a mixture of experts, stacked into formerkit's ``w_in`` and ``w_out``);
 ``unbatch`` (ViT stores its position table as a (1, N, D) parameter; ours is the (N, D) weight);
 ``tied`` (one tensor kept under several names, BART's and T5's ``shared`` table and its
 encoder/decoder copies: the first name is required, the others must equal it where present,
@@ -164,6 +165,35 @@ _T5_GATED_MLP: list[Rule] = [  # T5 v1.1: act(wi_0 x) * wi_1 x
     ("{s}.blocks.{i}.mlp.fc_gate.weight", ("{s}.block.{i}.layer.{ff}.DenseReluDense.wi_0.weight",), "copy"),
     ("{s}.blocks.{i}.mlp.fc_in.weight", ("{s}.block.{i}.layer.{ff}.DenseReluDense.wi_1.weight",), "copy"),
 ]
+
+def _experts_rules(moe: str, gate: str, up: str, down: str, n_experts: int) -> list[Rule]:
+    """Rules of one sparse layer's stacked experts: each expert's gate then up rows into ``w_in``, downs into ``w_out``.
+
+    ``moe`` is the layer's mixture module under ``layers.{i}``; the rest name an expert's projections.
+    """
+    expert = "layers.{i}." + moe + ".experts.{e}.{w}.weight"
+    ins = tuple(expert.replace("{e}", str(e)).replace("{w}", w) for e in range(n_experts) for w in (gate, up))
+    outs = tuple(expert.replace("{e}", str(e)).replace("{w}", down) for e in range(n_experts))
+    return [("blocks.{i}.mlp.w_in", ins, "cat"), ("blocks.{i}.mlp.w_out", outs, "cat"),
+            ("blocks.{i}.mlp.router.weight", (f"layers.{{i}}.{moe}.gate.weight",), "copy")]
+
+
+def mixtral_table(n_experts: int) -> Table:
+    """Mixtral: the Llama layout with every feed-forward a ``block_sparse_moe`` of w1 (gate), w3 (up), w2 (down)."""
+    return (_LLAMA_BASE + _experts_rules("block_sparse_moe", "w1", "w3", "w2", n_experts), _CAUSAL_HEAD)
+
+
+def qwen2_moe_table(n_experts: int) -> Table:
+    """Qwen2-MoE: the Llama layout (dense layers as Llama's) with sparse ``mlp`` layers and a gated shared expert."""
+    shared = [
+        ("blocks.{i}.mlp.shared.fc_gate.weight", ("layers.{i}.mlp.shared_expert.gate_proj.weight",), "copy"),
+        ("blocks.{i}.mlp.shared.fc_in.weight", ("layers.{i}.mlp.shared_expert.up_proj.weight",), "copy"),
+        ("blocks.{i}.mlp.shared.fc_out.weight", ("layers.{i}.mlp.shared_expert.down_proj.weight",), "copy"),
+        ("blocks.{i}.mlp.shared_gate.weight", ("layers.{i}.mlp.shared_expert_gate.weight",), "copy"),
+    ]
+    return (_LLAMA_BASE + _experts_rules("mlp", "gate_proj", "up_proj", "down_proj", n_experts) + shared,
+            _CAUSAL_HEAD)
+
 
 GPT2: Table = (_GPT2_BASE, _CAUSAL_HEAD)
 LLAMA: Table = (_LLAMA_BASE, _CAUSAL_HEAD)

@@ -14,7 +14,19 @@ from formerkit.config import ModelConfig
 from formerkit.layers.attention import Attention
 from formerkit.layers.feedforward import FeedForward
 from formerkit.layers.hooks import HookPoint
+from formerkit.layers.moe import MoE
 from formerkit.layers.norm import build_norm
+
+
+def _feedforward(cfg: ModelConfig) -> nn.Module:
+    """The layer's feed-forward: a mixture of experts when ``cfg.n_experts`` > 0 (see ``layer_config``), else dense."""
+    if cfg.n_experts == 0:
+        return FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.gated, cfg.mlp_bias)
+    depth = cfg.n_layers + (cfg.decoder_layers if cfg.kind == "encoder-decoder" else 0)
+    return MoE(cfg.d_model, cfg.expert_d_ff, cfg.n_experts, cfg.experts_per_token, activation=cfg.activation,
+               gated=cfg.gated, renormalize=cfg.moe_renormalize, shared_d_ff=cfg.shared_expert_d_ff,
+               capacity_factor=cfg.capacity_factor, init_std=cfg.init_std,
+               out_std=cfg.init_std / (2 * depth) ** 0.5)  # as the dense fc_out's scaled init
 
 
 class Block(nn.Module):
@@ -45,7 +57,7 @@ class Block(nn.Module):
         self.ln_cross = norm() if cross else None
         self.cross_attn = attention(True) if cross else None
         self.ln2 = None if cfg.parallel_block else norm()
-        self.mlp = FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, cfg.gated, cfg.mlp_bias)
+        self.mlp = _feedforward(cfg)
         self.dropout = nn.Dropout(cfg.resid_dropout)
         self.hook_resid_pre, self.hook_resid_mid, self.hook_resid_post = HookPoint(), HookPoint(), HookPoint()
         self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()

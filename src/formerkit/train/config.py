@@ -72,6 +72,10 @@ class TrainSection:
     fsdp: bool = _opt(False, "shard parameters and optimizer state with FSDP (under torchrun)")
     threads: int = _opt(0, "CPU threads torch may use (0: torch's default); 1 suits tiny models on a busy machine")
     label_smoothing: float = _opt(0.1, "label smoothing of the seq2seq loss (0: plain cross-entropy)")
+    router_aux_loss_coef: float = _opt(0.01, "a mixture of experts (model.n_experts > 0): weight of the "
+                                             "load-balancing loss added to the causal/mlm loss (0: off)")
+    router_z_loss_coef: float = _opt(0.001, "a mixture of experts: weight of the router z-loss (mean squared "
+                                            "logsumexp of the router logits) added to the loss (0: off)")
 
 
 @dataclass
@@ -369,6 +373,9 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"train.max_minutes must be positive, got {t.max_minutes}")
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+        if not 0 <= getattr(t, name) < float("inf"):
+            raise ConfigError(f"train.{name} must be a finite number >= 0, got {getattr(t, name)}")
     if o.schedule == "inverse_sqrt" and o.warmup_steps < 1:
         raise ConfigError("optim.schedule=inverse_sqrt needs optim.warmup_steps >= 1 (the peak comes at its end)")
     _validate_lora(cfg)

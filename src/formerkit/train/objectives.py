@@ -17,6 +17,7 @@ from torch import nn
 
 from formerkit.data import WindowBatches, eval_batches
 from formerkit.heads import IGNORE_INDEX
+from formerkit.layers.moe import router_losses
 
 Batch = dict[str, torch.Tensor]
 
@@ -30,6 +31,19 @@ def split_micro(batch: Batch, parts: int) -> list[Batch]:
     """Split every tensor of a batch into ``parts`` equal micro-batches along dim 0."""
     chunks = {k: v.chunk(parts) for k, v in batch.items()}
     return [{k: chunks[k][i] for k in batch} for i in range(parts)]
+
+
+def with_router_losses(loss: torch.Tensor, model, coefs: tuple[float, float]) -> torch.Tensor:
+    """``loss`` + aux_coef * load-balancing loss + z_coef * router z-loss of ``model``'s latest forward.
+
+    ``model``: the module, or the trainer's wrapper of it (its ``module``). ``coefs`` is (aux_coef,
+    z_coef); a model without experts (or both coefficients 0) returns ``loss``.
+    """
+    module = model if isinstance(model, nn.Module) else model.module
+    losses = router_losses(module) if any(coefs) else None
+    if losses is None:
+        return loss
+    return loss + coefs[0] * losses[0] + coefs[1] * losses[1]
 
 
 class Objective(Protocol):
@@ -62,6 +76,7 @@ class CausalLM:
     """Next-token prediction on random windows of a token array.
 
     With ``bytes_per_token`` (of the evaluation windows) the evaluation also reports bits per byte.
+    ``router_coefs``: (load-balancing, z-loss) coefficients of a mixture of experts' training loss.
     """
 
     train: WindowBatches
@@ -70,6 +85,7 @@ class CausalLM:
     eval_batch_size: int
     eval_batches: int
     bytes_per_token: float | None = None
+    router_coefs: tuple[float, float] = (0.0, 0.0)
 
     def train_batch(self, step: int) -> Batch:
         """Rows of step ``step`` for this process: input x (B, T) and targets y (B, T)."""
@@ -77,8 +93,13 @@ class CausalLM:
         return {"x": x, "y": y}
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Mean next-token cross-entropy of the batch; while training a model with early exits, the mean of
-        that of the LM head and of every exit (the exits are trained jointly)."""
+        """Mean next-token cross-entropy of the batch (+ the router losses of a mixture of experts); while
+        training a model with early exits, the cross-entropy is the mean of the LM head's and every exit's
+        (the exits are trained jointly)."""
+        return with_router_losses(self.cross_entropy(model, batch), model, self.router_coefs)
+
+    def cross_entropy(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Mean next-token cross-entropy of the batch, averaged over the LM head and any early exits' logits."""
         out = model(batch["x"])
         targets = batch["y"].flatten()
         heads = [out.logits, *(out.exit_logits or [])]  # each (B, T, V)
@@ -95,7 +116,7 @@ class CausalLM:
         for x, y in eval_batches(self.val_tokens, batch_size=self.eval_batch_size, seq_len=self.seq_len,
                                  max_batches=self.eval_batches):
             with autocast():
-                total += self.loss(model, {"x": x.to(device), "y": y.to(device)}).item() * x.numel()
+                total += self.cross_entropy(model, {"x": x.to(device), "y": y.to(device)}).item() * x.numel()
             count += x.numel()
         loss = total / count
         out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
@@ -134,6 +155,7 @@ class MaskedLM:
     vocab_size: int
     special: torch.Tensor
     seed: int
+    router_coefs: tuple[float, float] = (0.0, 0.0)  # (load-balancing, z-loss) of a mixture of experts
 
     def _mask(self, x: torch.Tensor, step: int, salt: int) -> Batch:
         inputs, labels = mask_tokens(x, step_generator(self.seed, step, salt), probability=self.probability,
@@ -147,9 +169,10 @@ class MaskedLM:
         return {k: torch.cat([r[k] for r in rows]) for k in ("x", "labels")}
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Mean cross-entropy over the masked positions."""
+        """Mean cross-entropy over the masked positions (+ the router losses of a mixture of experts)."""
         logits = model(batch["x"]).logits  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        return with_router_losses(loss, model, self.router_coefs)
 
     def tokens(self, batch: Batch) -> int:
         """Tokens the batch reads."""
