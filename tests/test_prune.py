@@ -254,3 +254,14 @@ def test_uniformly_pruned_llama_is_one_integer_and_exports_to_transformers(tmp_p
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(IDS).logits, model(IDS).logits, atol=1e-5, rtol=0)
+
+
+def test_neurons_of_mixture_of_experts_layers_are_refused_clearly():
+    torch.manual_seed(0)
+    model = fk.Transformer(fk.ModelConfig.from_preset("llama", n_layers=2, d_model=32, n_heads=4, d_ff=48,
+                                                      vocab_size=64, max_seq_len=32, n_experts=4,
+                                                      experts_per_token=2, moe_d_ff=16, n_kv_heads=None))
+    with pytest.raises(fk.InputError, match=r"layers \[0, 1\] are mixtures of experts"):
+        prune_neurons(model, {0: [1]})
+    prune_heads(model, {0: [1]})  # heads still can be
+    assert model.config.n_heads == [3, 4]

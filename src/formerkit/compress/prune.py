@@ -38,6 +38,14 @@ def _blocks(model: Transformer) -> nn.ModuleList:
     return model.blocks
 
 
+def _check_dense(blocks: nn.ModuleList) -> None:
+    """InputError when a layer's feed-forward is a mixture of experts, whose neurons belong to no one layer's d_ff."""
+    sparse = [i for i, block in enumerate(blocks) if not hasattr(block.mlp, "fc_out")]
+    if sparse:
+        raise InputError(f"layers {sparse} are mixtures of experts; their neurons cannot be scored or pruned "
+                         "(prune heads only)")
+
+
 @dataclass
 class Importance:
     """Gate-gradient importance per layer: ``heads[i]`` (n_heads_i,) and ``neurons[i]`` (d_ff_i,), or None."""
@@ -51,6 +59,8 @@ def _gates(model: Transformer, heads: bool, neurons: bool) -> Iterator[tuple[lis
     """Multiply each head's z and each neuron's activation by a gate of ones that requires grad, while inside."""
     head_gates, neuron_gates, handles = [], [], []
     weight = next(model.parameters())
+    if neurons:
+        _check_dense(_blocks(model))
     for block in _blocks(model):
         if heads:
             gate = torch.ones(block.attn.n_heads, dtype=weight.dtype, device=weight.device, requires_grad=True)
@@ -215,6 +225,7 @@ def prune_neurons(model: Transformer, neurons: Mapping[int, Iterable[int]]) -> T
     layer is an InputError.
     """
     blocks = _blocks(model)
+    _check_dense(blocks)
     selection = _layer_map(neurons, [b.mlp.fc_out.in_features for b in blocks], "neuron")
     if not selection:
         return model

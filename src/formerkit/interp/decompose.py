@@ -31,6 +31,10 @@ def neuron_results(cache: ActivationCache, layer: int, neuron_slice: SliceInput 
 
     ``hook_post`` of the neuron times its column of ``fc_out``; ``fc_out``'s bias is not included.
     """
+    mlp = _model(cache).blocks[layer].mlp
+    if not hasattr(mlp, "fc_out"):
+        raise InputError(f"layer {layer} is a mixture of experts: its neurons belong to its experts, not to the "
+                         f"layer; decompose it by blocks.{layer}.mlp.hook_expert_out instead")
     post = apply_slice(cache[f"blocks.{layer}.mlp.hook_post"], neuron_slice, -1)  # ([batch,] pos, neurons)
     w_out = apply_slice(dense_weight(_model(cache).blocks[layer].mlp.fc_out), neuron_slice, 1)  # (d_model, neurons)
     return post.unsqueeze(-1) * w_out.T.to(post.dtype)  # ([batch,] pos, neurons, d_model)
