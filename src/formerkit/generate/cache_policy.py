@@ -108,8 +108,8 @@ def parse_cache_policy(spec: CachePolicy | str | None) -> CachePolicy:
         raise InputError(f"cache_policy must be a string such as 'h2o:64' or a CachePolicy, got {spec!r}")
     kind, *numbers = spec.strip().split(":")
     extra_name = {"sinks": "sinks", "h2o": "recent"}.get(kind)
-    if len(numbers) > (2 if extra_name else 1) or (kind == "full" and numbers):
-        form = "full" if kind == "full" else f"{kind}:BUDGET" + (f"[:{extra_name.upper()}]" if extra_name else "")
+    if len(numbers) > (2 if extra_name else 1):
+        form = f"{kind}:BUDGET" + (f"[:{extra_name.upper()}]" if extra_name else "")
         raise InputError(f"cache_policy {spec!r}: write it as {form}")
     values = []
     for number in numbers:
