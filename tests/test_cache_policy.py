@@ -171,6 +171,8 @@ def test_full_policy_and_a_budget_that_never_binds_generate_as_today():
         assert torch.equal(fk.generate(model, rows, max_new_tokens=12, cache_policy=spec), today), spec
     ids = torch.tensor([rows[1]])
     torch.testing.assert_close(policy_logits(model, ids, CachePolicy()), model(ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match=r"prompt .* must be an integer in \[1, 9\], got 10"):
+        policy_logits(model, ids, CachePolicy(), prompt=10)
 
 
 @pytest.mark.parametrize("spec", ["sliding:8", "sinks:8", "h2o:8", "tova:8"])

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from formerkit.cache import KVCache
+from formerkit.errors import InputError
 from formerkit.generate.cache_policy import REINDEXED_POSITIONS, CachePolicy, check_policy
 from formerkit.generate.steps import inference
 from formerkit.inputs import check_ids
@@ -152,6 +153,8 @@ def policy_logits(model: nn.Module, input_ids: torch.Tensor, policy: CachePolicy
     """
     check_ids("input_ids", input_ids, model.config)
     B, T = input_ids.shape
+    if isinstance(prompt, bool) or not isinstance(prompt, int) or not 1 <= prompt <= T:
+        raise InputError(f"prompt (the tokens prefilled at once) must be an integer in [1, {T}], got {prompt!r}")
     evictor = Evictor(model, policy)
     cache = evictor.new_cache(model, B, prompt, max(T - prompt + 1, 1))
     out = []
