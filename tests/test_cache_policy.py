@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import formerkit as fk
+from conftest import load_script
 from formerkit.cache import KVCache
 from formerkit.errors import InputError
 from formerkit.generate.cache_policy import CachePolicy, parse_cache_policy
@@ -252,3 +253,14 @@ def test_command_line_option():
     args = parser.parse_args(["generate", "--checkpoint", "x", "--cache-policy", "tova"])
     with pytest.raises(InputError, match="needs a budget"):
         config_from_args(args)
+
+
+@pytest.mark.slow
+def test_curve_benchmark_runs_on_a_tiny_model(tmp_path, capsys):
+    bench = load_script("benchmarks/cache_policy.py")
+    out = bench.main(["--quick", "--steps-train", "3", "--out", str(tmp_path / "curve.png")])
+    assert (tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")
+    assert "| 16 (1/2) |" in capsys.readouterr().out
+    for kind, rows in out["results"].items():
+        assert [r["budget"] for r in rows] == [16, 8], kind
+        assert all(r["ppl"] > 1 and r["ppl_last"] > 1 for r in rows)
