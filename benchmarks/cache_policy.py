@@ -8,7 +8,8 @@ Held-out windows of the full context are then scored token by token as generatio
 1/2, 1/4, 1/8 and 1/16 of the context, next to the full cache. Two perplexities per run: over every
 predicted token of the window, and over its last quarter, where every budget binds.
 
-    python benchmarks/cache_policy.py [--steps-train 500] [--model-dir DIR] [--out docs/images/cache_policy.png]
+    python benchmarks/cache_policy.py [--steps-train 500] [--windows 32] [--model-dir DIR]
+                                      [--out docs/images/cache_policy.png]
 """
 
 from __future__ import annotations
@@ -128,9 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model-dir", default=None,
                         help="save the trained model and tokenizer here, or load them when it holds them")
     parser.add_argument("--out", default="docs/images/cache_policy.png", help="PNG path (default: %(default)s)")
+    parser.add_argument("--windows", type=int, default=None, help="held-out windows scored (default: 32; quick: 4)")
     parser.add_argument("--quick", action="store_true", help="a tiny model and corpus, seconds (for tests)")
     args = parser.parse_args(argv)
     shape = QUICK if args.quick else FULL
+    if args.windows is not None:
+        shape = {**shape, "windows": args.windows}
     start = time.perf_counter()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:  # the token arrays are memory-mapped from here
