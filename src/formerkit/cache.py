@@ -145,6 +145,7 @@ class KVCache(nn.Module):
         self.register_buffer("cursor", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         self.register_buffer("_offsets", torch.arange(max_len, device=device), persistent=False)  # (L,)
         self.length = 0  # host copy of ``cursor``
+        self.position_bound = max_len  # every position fed to the cache is below it (RoPE reads its table to it)
         self.padded = False  # whether a padding mask was ever recorded (else every cached key is a real token)
         self.memory: torch.Tensor | None = None  # encoder output (B, S, d_model), encoder-decoder only
         self.memory_mask: torch.Tensor | None = None
@@ -220,6 +221,23 @@ class KVCache(nn.Module):
                 layer.clear()
         self.cursor.fill_(length)
         self.length = length
+
+    def compact(self, keep: torch.Tensor | list[torch.Tensor]) -> None:
+        """Keep only the cached tokens at slots ``keep`` (B, n), moved to slots 0 .. n - 1 in that order.
+
+        ``keep``: one index for every layer, or a list of one per layer (each (B, n), the same n);
+        positions and the padding mask follow the first layer's index. The cache then holds n tokens.
+        """
+        per_layer = keep if isinstance(keep, list) else [keep] * len(self.layers)
+        n = per_layer[0].shape[1]
+        for layer, index in zip(self.layers, per_layer, strict=True):
+            B, KV, _, D = layer.k.shape
+            full = index[:, None, :, None].expand(B, KV, n, D)  # (B, KV, n, D)
+            layer.k[:, :, :n] = layer.k.gather(2, full)
+            layer.v[:, :, :n] = layer.v.gather(2, full)
+        self.positions[:, :n] = self.positions.gather(1, per_layer[0])
+        self.key_mask[:, :n] = self.key_mask.gather(1, per_layer[0])
+        self.truncate(n)
 
     def reset(self) -> None:
         """Forget the cached sequence (buffers are reused)."""

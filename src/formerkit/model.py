@@ -267,17 +267,19 @@ class Transformer(nn.Module):
         The per-token step of generation: it checks nothing (the caller checked the call's
         inputs once; ``formerkit.generate`` does), reads nothing back from the device, and keeps
         every tensor shape the same from one step to the next. Positions must be below the
-        cache's ``max_len`` (left-padded prompts count real tokens only, so they are). Encoder-decoder
-        models read the encoder output from the cache, which a checked forward pass filled.
+        cache's ``position_bound`` (its ``max_len`` unless an eviction policy raised it; left-padded
+        prompts count real tokens only, so they are). Encoder-decoder models read the encoder output
+        from the cache, which a checked forward pass filled.
         """
         cfg = self.config
         x = self._embed_tokens(tokens)  # (B, T, d_model)
         if cfg.kind == "encoder-decoder":
-            hidden = self.decoder(x, causal=True, mask=None, positions=positions, position_bound=cache.max_len,
-                                  context=cache.memory, context_mask=cache.memory_mask, cache=cache)
+            hidden = self.decoder(x, causal=True, mask=None, positions=positions,
+                                  position_bound=cache.position_bound, context=cache.memory,
+                                  context_mask=cache.memory_mask, cache=cache)
         else:
             hidden = _run_stack(self, cfg, x, causal=True, mask=None, positions=positions,
-                                position_bound=cache.max_len, cache=cache)
+                                position_bound=cache.position_bound, cache=cache)
         return self.lm_head(hidden)
 
     def decode_with_exits(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,

@@ -16,7 +16,8 @@ def config_from_args(args: argparse.Namespace) -> GenerationConfig:
     """The GenerationConfig of ``formerkit generate``'s options (validated: InputError names a bad combination)."""
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                            seed=args.seed, stop_strings=tuple(args.stop or ()), num_beams=args.num_beams)
+                            seed=args.seed, stop_strings=tuple(args.stop or ()), num_beams=args.num_beams,
+                            cache_policy=args.cache_policy)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -69,5 +70,9 @@ def add_generate_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
                    help="beam search with this many beams (> 1; e.g. to translate with an encoder-decoder run), "
                         "printed when done; not with sampling (--temperature > 0), --repetition-penalty, --stop "
                         "or --heal")
+    p.add_argument("--cache-policy", default="full", metavar="KIND[:BUDGET[:EXTRA]]",
+                   help="KV-cache eviction under a token budget: full, sliding:B, sinks:B[:SINKS] (StreamingLLM), "
+                        "h2o:B[:RECENT], tova:B; memory stays O(B) however long the generation (decoder-only, "
+                        "not with --num-beams)")
     p.set_defaults(func=cmd_generate)
     return p

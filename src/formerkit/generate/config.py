@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from formerkit.config import ModelConfig
 from formerkit.errors import InputError, did_you_mean
+from formerkit.generate.cache_policy import CachePolicy, parse_cache_policy
 
 EarlyStopping = bool | Literal["never"]
 
@@ -48,6 +49,9 @@ class GenerationConfig:
     length_penalty: beam search, a hypothesis scores sum(log-probs) / new_len ** length_penalty.
     early_stopping: beam search, True stops an input at num_beams finished hypotheses; False
     and "never" go on while a running beam may still win (at the current length / at max_new_tokens).
+    cache_policy: which cached tokens to keep under a token budget: a ``CachePolicy`` or a string
+    ``KIND[:BUDGET[:EXTRA]]`` ("full", "sliding:64", "sinks:64:4", "h2o:64:32", "tova:64"; see
+    ``formerkit.generate.cache_policy``), kept as a CachePolicy. Not with beam search.
     """
 
     max_new_tokens: int = 50
@@ -66,9 +70,11 @@ class GenerationConfig:
     num_return_sequences: int = 1
     length_penalty: float = 1.0
     early_stopping: EarlyStopping = False
+    cache_policy: CachePolicy | str = CachePolicy()
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        set_(self, "cache_policy", parse_cache_policy(self.cache_policy))
         set_(self, "eos_token_id", _id_tuple(self.eos_token_id))
         set_(self, "stop", _stop_sequences(self.stop))
         set_(self, "stop_strings", _stop_strings(self.stop_strings))
@@ -179,6 +185,9 @@ def check_beam_options(c: GenerationConfig) -> None:
                          "or num_beams=1")
     if c.stop or c.stop_strings:
         raise InputError(f"{beams} stops at EOS ids only; drop stop / stop_strings, or set num_beams=1")
+    if c.cache_policy.evicts:
+        raise InputError(f"{beams} reorders whole caches between beams and does not evict; drop "
+                         f"cache_policy={str(c.cache_policy)!r} (use 'full'), or set num_beams=1")
 
 
 def with_options(config: GenerationConfig | None, options: Mapping[str, Any]) -> GenerationConfig:

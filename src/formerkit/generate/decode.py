@@ -16,6 +16,7 @@ row has stopped: ``generate`` makes it every ``steps.SYNC_EVERY`` steps on an ac
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -26,9 +27,10 @@ from formerkit.cache import KVCache
 from formerkit.errors import InputError
 from formerkit.generate.beam import beam_search
 from formerkit.generate.config import GenerationConfig, with_options
+from formerkit.generate.eviction import Evictor
 from formerkit.generate.plan import GenerationPlan, make_plan
 from formerkit.generate.processors import choose, process
-from formerkit.generate.steps import decode_step, inference, start_decoding, sync_interval
+from formerkit.generate.steps import decode_step, inference, prefill, start_decoding, sync_interval
 from formerkit.layers.linear import tune_linears
 
 StopCheck = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (tokens (B,), live (B,)) -> stop (B,) bool
@@ -46,11 +48,20 @@ class DecodeState:
     recent: list[torch.Tensor] = field(default_factory=list)  # the last new tokens (B,) each, for stop sequences
 
 
-def start_state(model: nn.Module, plan: GenerationPlan) -> DecodeState:
-    """Prefill a cache for ``plan`` and return the loop's first state (all rows live)."""
+def start_state(model: nn.Module, plan: GenerationPlan, evictor: Evictor | None = None) -> DecodeState:
+    """Prefill a cache for ``plan`` and return the loop's first state (all rows live).
+
+    With an ``evictor`` (a cache policy other than full) the cache is the evictor's, bounded.
+    """
     ids, mask = plan.ids, plan.mask
     B, V = ids.shape[0], model.config.vocab_size
-    cache, logits, positions = start_decoding(model, ids, mask, plan.decoder_start, plan.max_new_tokens)
+    if evictor is None:
+        cache, logits, positions = start_decoding(model, ids, mask, plan.decoder_start, plan.max_new_tokens)
+    else:
+        cache = evictor.new_cache(model, B, ids.shape[1], plan.max_new_tokens)
+        with evictor.watch():
+            logits = prefill(model, ids, None if bool(mask.all()) else mask, cache)
+        positions = evictor.after_pass(cache, mask.sum(-1))  # (B,)
     seen = None
     if plan.config.repetition_penalty != 1.0:  # tokens each row holds: prompt (or decoder start) and generated
         if model.config.kind == "encoder-decoder":
@@ -93,13 +104,16 @@ def decode_loop(model: nn.Module, plan: GenerationPlan, stop_check: StopCheck | 
     loop ends after max_new_tokens steps, or once every row has stopped, which it reads from
     the device every ``sync_every`` steps (so up to sync_every - 1 steps of pad columns, with
     ``live`` all False, may follow the last real one). The model runs in eval mode without
-    autograd during each forward pass only, so a paused stream leaves it as it was.
+    autograd during each forward pass only, so a paused stream leaves it as it was (a cache
+    policy's hooks, too, are registered for each pass only). Under a cache policy other than
+    full the cache is bounded and evicted after every pass (``eviction.Evictor``).
     """
     if plan.max_new_tokens == 0:
         return
     tune_linears(model)  # the CPU's few-row kernel for this model's dtype, measured once per process
+    evictor = Evictor(model, plan.config.cache_policy) if plan.config.cache_policy.evicts else None
     with inference(model):
-        state = start_state(model, plan)
+        state = start_state(model, plan, evictor)
     for step in range(plan.max_new_tokens):
         tokens, done = choose_next(plan, state, step)
         if stop_check is not None:
@@ -108,9 +122,12 @@ def decode_loop(model: nn.Module, plan: GenerationPlan, stop_check: StopCheck | 
         state.live = state.live & ~done
         if step == plan.max_new_tokens - 1 or ((step + 1) % sync_every == 0 and not bool(state.live.any())):
             return
-        with inference(model):
+        with inference(model), evictor.watch() if evictor is not None else contextlib.nullcontext():
             state.logits = decode_step(model, tokens, state.positions, state.cache)  # (B, V)
         state.positions = state.positions + 1
+        if evictor is not None:
+            with inference(model):
+                state.positions = evictor.after_pass(state.cache, state.positions)  # (B,)
 
 
 def _token_plan(model: nn.Module, input_ids: torch.Tensor | Sequence[Sequence[int]],

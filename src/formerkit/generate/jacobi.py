@@ -56,7 +56,8 @@ def _check_options(config: GenerationConfig, block_size: object) -> None:
     unsupported = [name for name, on in (("num_beams > 1 (beam search)", config.num_beams > 1),
                                          ("temperature > 0 (sampling)", not config.greedy),
                                          ("repetition_penalty", config.repetition_penalty != 1.0),
-                                         ("stop", bool(config.stop)), ("stop_strings", bool(config.stop_strings)))
+                                         ("stop", bool(config.stop)), ("stop_strings", bool(config.stop_strings)),
+                                         ("cache_policy", config.cache_policy.evicts))
                    if on]
     if unsupported:
         raise InputError(f"Jacobi decoding is greedy decoding computed in parallel; it does not take "

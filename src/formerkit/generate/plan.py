@@ -16,6 +16,7 @@ from torch import nn
 
 from formerkit.config import ModelConfig
 from formerkit.errors import InputError
+from formerkit.generate.cache_policy import check_policy
 from formerkit.generate.config import GenerationConfig, special_ids
 from formerkit.inputs import check_ids, check_mask
 
@@ -93,6 +94,7 @@ def make_plan(model: nn.Module, input_ids: torch.Tensor | Sequence[Sequence[int]
     Raises InputError saying what to do about a bad argument.
     """
     cfg = _check_model(model)
+    check_policy(config.cache_policy, cfg)
     ids_ = special_ids(config, cfg, tokenizer_eos=tokenizer_eos, tokenizer_pad=tokenizer_pad)
     encoder_decoder = cfg.kind == "encoder-decoder"
     device = next(model.parameters()).device

@@ -128,7 +128,8 @@ def speculative_generate(target: Transformer, draft: Transformer, input_ids: tor
     config = with_options(config, options)
     unsupported = [name for name, on in (("num_beams", config.num_beams > 1),
                                          ("repetition_penalty", config.repetition_penalty != 1.0),
-                                         ("stop", bool(config.stop)), ("stop_strings", bool(config.stop_strings)))
+                                         ("stop", bool(config.stop)), ("stop_strings", bool(config.stop_strings)),
+                                         ("cache_policy", config.cache_policy.evicts))
                    if on]
     if unsupported:
         raise InputError(f"speculative_generate does not support {', '.join(unsupported)}; leave "
