@@ -197,8 +197,10 @@ def test_bad_variant_configs_say_what_to_change(kw, message):
         fk.ModelConfig.from_preset("llama", **{**SMALL, **kw})
 
 
-def test_rewinding_decoders_refuse_linear_attention():
+def test_rewinding_decoders_and_eviction_refuse_linear_attention():
     model = _model(**VARIANTS["linear"])
+    with pytest.raises(fk.InputError, match="fixed-size running state"):
+        fk.generate(model, _ids(1, 5), max_new_tokens=4, cache_policy="sinks:8")
     with pytest.raises(fk.InputError, match="needs softmax attention"):
         jacobi_generate(model, _ids(1, 5), max_new_tokens=8, block_size=4)
 

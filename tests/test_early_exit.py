@@ -152,5 +152,7 @@ def test_early_exit_decoding_refuses_what_it_cannot_do():
         early_exit_generate(fk.Transformer(fk.ModelConfig.from_preset("llama", **SMALL)), _ids(1, 3))
     with pytest.raises(fk.InputError, match="sampling"):
         early_exit_generate(_model(), _ids(1, 3), temperature=0.8)
+    with pytest.raises(fk.InputError, match="cache_policy"):
+        early_exit_generate(_model(), _ids(1, 3), cache_policy="sliding:8")
     with pytest.raises(fk.InputError, match="threshold"):
         early_exit_generate(_model(), _ids(1, 3), threshold=-0.1)

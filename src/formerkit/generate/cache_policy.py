@@ -135,6 +135,9 @@ def check_policy(policy: CachePolicy, cfg: ModelConfig) -> None:
     """
     if not policy.evicts:
         return
+    if cfg.attn_type == "linear":
+        raise InputError(f"cache_policy {policy} evicts keys and values, but a linear-attention model keeps a "
+                         "fixed-size running state instead (already O(1) memory); use cache_policy='full'")
     if cfg.kind == "encoder-decoder":
         raise InputError(f"cache_policy {policy} is for decoder-only models; an encoder-decoder's decoder keeps "
                          "its whole cache: use cache_policy='full'")

@@ -52,7 +52,8 @@ def _check(model: Transformer, config: GenerationConfig, threshold: object) -> N
     unsupported = [name for name, on in (("num_beams > 1 (beam search)", config.num_beams > 1),
                                          ("temperature > 0 (sampling)", not config.greedy),
                                          ("repetition_penalty", config.repetition_penalty != 1.0),
-                                         ("stop", bool(config.stop)), ("stop_strings", bool(config.stop_strings)))
+                                         ("stop", bool(config.stop)), ("stop_strings", bool(config.stop_strings)),
+                                         ("cache_policy", config.cache_policy.evicts))
                    if on]
     if unsupported:
         raise InputError(f"early-exit decoding is greedy; it does not take {', '.join(unsupported)}")
