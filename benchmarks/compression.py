@@ -17,12 +17,13 @@ training windows, no fine-tuning after), and a student at under half the paramet
 the fp32 model (``formerkit.compress.distill``: logit KD, plus MiniLM's attention loss for the demo).
 
 Columns: bytes of the saved directory (tokenizer included), ``fk.from_pretrained`` seconds (best
-of ``--load-repeats``, page cache warm), greedy decode tokens/s at batch 1 (``--new-tokens`` after
-a 16-token held-out prompt, no EOS, best of ``--repeats``), held-out perplexity (the demo run's
-validation windows). Floats run in their stored precision; int8 and int4 run with bf16 activations
-(their fast CPU path).
+of ``--load-repeats``, page cache warm), greedy decode tokens/s at batch 1 (64 new tokens after a
+16-token held-out prompt, 32 for the GPT-2 shape; no EOS; the variants' calls alternate, best of
+``--repeats`` rounds), held-out perplexity (the demo run's validation windows). Floats run in their
+stored precision; int8 and int4 run with bf16 activations (their fast CPU path).
 
-    python benchmarks/compression.py [--train-steps 600] [--distill-steps 600] [--run-dir RUN] [--quick]
+    python benchmarks/compression.py [--train-steps 300] [--distill-steps 300] [--run-dir RUN] [--threads 1]
+        [--repeats 3] [--load-repeats 3] [--skip-base] [--quick]
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class Shape:
 FULL = Shape(demo_overrides=(), demo_student=dict(d_model=80, n_heads=2, n_kv_heads=2, d_ff=224),
              base=dict(n_layers=12, d_model=768, n_heads=12, d_ff=3072, vocab_size=50257),
              base_student=dict(n_layers=6, d_model=512, n_heads=8, d_ff=2048),
-             base_batch=4, base_seq_len=128, base_eval_batches=2, base_distill_steps=20, score_batches=2,
+             base_batch=2, base_seq_len=128, base_eval_batches=2, base_distill_steps=8, score_batches=2,
              new_tokens=64, base_new_tokens=32)
 QUICK = Shape(demo_overrides=("--model.n_layers", "2", "--model.d_model", "32", "--model.d_ff", "64",
                               "--model.max_seq_len", "32", "--data.tokenizer", "byte", "--train.seq_len", "32",
@@ -105,7 +106,8 @@ def demo_config(args: argparse.Namespace, shape: Shape, work: Path) -> TrainConf
     steps = str(args.train_steps)
     overrides = ["--train.steps", steps, "--eval.every", steps, "--checkpoint.every", steps,
                  "--checkpoint.run_dir", str(args.run_dir or work / "demo-run"), "--log.samples", "0",
-                 "--log.progress", "false", "--log.tensorboard", "false", *shape.demo_overrides]
+                 "--log.progress", "false", "--log.tensorboard", "false", "--train.threads", str(args.threads),
+                 *shape.demo_overrides]
     if args.quick:
         overrides += ["--data.source", quick_source(work), "--data.cache_dir", str(work / "cache")]
     return TrainConfig.load(DEMO_YAML, overrides)
@@ -187,33 +189,42 @@ def timed_load(directory: Path, dtype: torch.dtype | None, repeats: int) -> tupl
     return model.eval(), best
 
 
-@torch.no_grad()
-def decode_speed(model: fk.Transformer, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
-    """Best greedy tokens/s at batch 1 over ``repeats`` calls (after one warm-up), no EOS: every token is made."""
-    fk.generate(model, prompt, max_new_tokens=new_tokens, eos_token_id=[])
-    best = 0.0
-    for _ in range(repeats):
+def generator(model: fk.Transformer, prompt: torch.Tensor, new_tokens: int):
+    """A no-argument callable: greedy decode of ``new_tokens`` after ``prompt`` (1, T), no EOS; returns tokens/s."""
+    @torch.no_grad()
+    def call() -> float:
         start = time.perf_counter()
-        out = fk.generate(model, prompt, max_new_tokens=new_tokens, eos_token_id=[])
-        best = max(best, (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - start))
-    return best
+        out = fk.generate(model, prompt, max_new_tokens=new_tokens, eos_token_id=[])  # (1, T + new_tokens)
+        return (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - start)
+    return call
 
 
 def measure(name: str, dirs: dict[str, Path], objective: CausalLM, new_tokens: int, args: argparse.Namespace
             ) -> list[dict]:
-    """One row per variant: parameters, bytes on disk, load seconds, decode tokens/s and held-out perplexity."""
+    """One row per variant: parameters, bytes on disk, load seconds, decode tokens/s and held-out perplexity.
+
+    Every variant is loaded and scored first; then the decode calls of all variants alternate,
+    ``args.repeats`` rounds after a warm-up call each, and each variant's best round counts (the one
+    least disturbed by other work on the machine).
+    """
     prompt = torch.tensor(objective.val_tokens[:PROMPT].tolist())[None]  # (1, PROMPT)
     rows: list[dict] = []
+    calls = []
     for variant, directory in dirs.items():
         model, load_s = timed_load(directory, load_dtype(variant), args.load_repeats)
         scores = objective.evaluate(model, torch.device("cpu"), contextlib.nullcontext)
         quantized = variant in ("int8", "int4")  # integer weights are buffers: count the float model's parameters
         params = rows[0]["params"] if quantized else model.num_parameters()
-        rows.append({"model": name, "variant": variant, "params": params,
-                     "bytes": directory_bytes(directory), "load_s": load_s,
-                     "tokens_per_s": decode_speed(model, prompt, new_tokens, args.repeats),
-                     "perplexity": scores["perplexity"], "loss": scores["loss"]})
-        print(f"{name} {variant}: {rows[-1]}", flush=True)
+        rows.append({"model": name, "variant": variant, "params": params, "bytes": directory_bytes(directory),
+                     "load_s": load_s, "tokens_per_s": 0.0, "perplexity": scores["perplexity"],
+                     "loss": scores["loss"]})
+        calls.append(generator(model, prompt, new_tokens))
+        calls[-1]()  # warm up: allocator, kernels, the int4 kernel's packed weights
+    for _ in range(args.repeats):
+        for row, call in zip(rows, calls, strict=True):
+            row["tokens_per_s"] = max(row["tokens_per_s"], call())
+    for row in rows:
+        print(f"{name} {row['variant']}: {row}", flush=True)
     return rows
 
 
@@ -233,16 +244,18 @@ def print_table(rows: list[dict], groups: dict[str, int]) -> None:
 def main(argv: list[str] | None = None) -> dict:
     """Build both models' variants, measure them, print the table; return {"rows", "machine", "cpu", ...}."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-steps", type=int, default=600, help="steps of the demo model (default: 600)")
-    parser.add_argument("--distill-steps", type=int, default=600, help="steps of the demo's student (default: 600)")
+    parser.add_argument("--train-steps", type=int, default=300, help="steps of the demo model (default: 300)")
+    parser.add_argument("--distill-steps", type=int, default=300, help="steps of the demo's student (default: 300)")
     parser.add_argument("--run-dir", default=None, help="a finished run of examples/demo.yaml to reuse (default: "
                                                         "train one in a temporary directory)")
     parser.add_argument("--repeats", type=int, default=3, help="timed decode calls per variant (best counts)")
     parser.add_argument("--load-repeats", type=int, default=3, help="timed loads per variant (best counts)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: steadiest on a shared CPU)")
     parser.add_argument("--skip-base", action="store_true", help="leave out the GPT-2-shaped model")
     parser.add_argument("--quick", action="store_true", help="tiny models and corpus, seconds (for tests)")
     args = parser.parse_args(argv)
     shape = QUICK if args.quick else FULL
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     print(f"CPU: {cpu_model()}\nmachine: {describe_machine()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
