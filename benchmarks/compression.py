@@ -278,9 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
             dirs = write_variants(base, tokenizer, small, replace(base_cfg, **shape.base_student),
                                   DistillSettings(temperature=1.0, alpha=1.0), shape.base_distill_steps,
                                   shape.score_batches, work / "gpt2-base")
-            groups["gpt2-base"] = int4_group(base)
-            rows += measure("gpt2-base (random init)", dirs, small, shape.base_new_tokens, args)
-            groups["gpt2-base (random init)"] = groups.pop("gpt2-base")
+            name = "gpt2-base (random init)"
+            groups[name] = int4_group(base)
+            rows += measure(name, dirs, small, shape.base_new_tokens, args)
     seconds = time.perf_counter() - start
     print(f"\nCPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {seconds:.0f} s in all")
     print_table(rows, groups)
