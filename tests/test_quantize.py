@@ -159,6 +159,8 @@ def test_save_load_round_trip(tmp_path, tied_head):
     loaded = load_quantized(out)
     assert isinstance(loaded.blocks[0].mlp.fc_in, Int8Linear) and loaded.blocks[0].mlp.fc_in.weight.dtype == torch.int8
     assert isinstance(loaded.lm_head.proj, Int8Linear) is tied_head
+    int8 = [m for m in loaded.modules() if isinstance(m, Int8Linear)]
+    assert all(m.weight.data_ptr() % 64 == 0 for m in int8)  # aligned for the fused kernel, not at file offsets
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, quantized(IDS).logits)
     with pytest.raises(fk.CheckpointError, match="not a quantized checkpoint"):

@@ -96,4 +96,18 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype | None = None,
             raise CheckpointError(f"{directory / QUANTIZATION_FILE}: bad int4 settings ({err}); expected "
                                   "group_size and symmetric as save_quantized writes them") from None
     tensors = CheckpointTensors(directory)
-    return assign_weights(model, native_sources(tensors), tensors, directory, dtype=dtype, device=place).eval()
+    model = assign_weights(model, native_sources(tensors), tensors, directory, dtype=dtype, device=place)
+    return _aligned_int8(model).eval()
+
+
+def _aligned_int8(model: Transformer) -> Transformer:
+    """Copy int8 weights read in place from the file's memory map to fresh (64-byte aligned) memory.
+
+    A tensor inside a safetensors file starts wherever the header leaves it, and the fused int8
+    kernel (``torch._weight_int8pack_mm``) needs aligned weights; without the copy a loaded model
+    would decode on the slower path. Returns the model.
+    """
+    for module in model.modules():
+        if isinstance(module, Int8Linear) and module.weight.device.type == "cpu" and module.weight.data_ptr() % 64:
+            module.weight = module.weight.clone()
+    return model
