@@ -81,9 +81,18 @@ def build_report(runs: str | Path = "runs/repro") -> str:
     return "\n".join(lines)
 
 
+NOTES_MARKER = "<!-- notes: written by hand, kept when the page is regenerated -->"
+
+
 def write_report(runs: str | Path = "runs/repro", path: str | Path = "docs/reproductions.md") -> Path:
-    """Write ``build_report(runs)`` to ``path``; return the path."""
+    """Write ``build_report(runs)`` to ``path``, keeping an existing page's hand-written notes; return the path.
+
+    The notes are everything from the line ``NOTES_MARKER`` on.
+    """
     text = build_report(runs)
     path = Path(path)
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if NOTES_MARKER in old:
+        text = text.rstrip("\n") + "\n\n" + old[old.index(NOTES_MARKER):]
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
