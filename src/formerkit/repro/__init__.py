@@ -5,7 +5,7 @@ whose experiment trains formerkit's own ``Transformer`` with formerkit's AdamW a
 synthetic data generated here. See docs/reproductions.md.
 """
 
-from formerkit.repro import addition, icl_gd, length_gen, lr_sensitivity  # noqa: F401  (each module registers its reproduction)
+from formerkit.repro import addition, icl_algorithm, icl_gd, length_gen, lr_sensitivity  # noqa: F401  (each module registers its reproduction)
 from formerkit.repro.registry import REGISTRY, Outcome, Repro, get, register
 from formerkit.repro.report import build_report, write_report
 from formerkit.repro.runner import run_repro
