@@ -158,7 +158,9 @@ def test_report_tables_full_runs_only(tmp_path):
 def test_command_line(tmp_path, capsys):
     assert main(["repro", "--list"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in REGISTRY)
+    listed = [line.split()[0] for line in out.splitlines()]
+    assert listed == sorted(REGISTRY, key=lambda n: REGISTRY[n].item)  # the order
+    assert listed[:3] == ["addition", "length-generalization", "icl-gradient-descent"]
     assert main(["repro", "additon"]) == 2
     assert 'did you mean "addition"' in capsys.readouterr().err
     with pytest.raises(InputError):

@@ -88,4 +88,5 @@ register(Repro(
     threshold=1.0,
     direction="max",
     run=run,
+    item=4,
 ))

@@ -107,4 +107,5 @@ register(Repro(
     threshold=-0.05,
     direction="min",
     run=run,
+    item=2,
 ))
