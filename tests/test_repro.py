@@ -23,6 +23,7 @@ from formerkit.repro.icl_regression import (
 )
 from formerkit.repro.length_gen import IGNORE_INDEX, SEP, task_batch
 from formerkit.repro.lr_sensitivity import lr_sensitivity, markov_chain, repeated_markov_batch
+from formerkit.repro.report import NOTES_MARKER
 
 KEYS = {"claim", "metric", "value", "threshold", "held", "seed", "seconds"}
 
@@ -157,11 +158,18 @@ def test_report_tables_full_runs_only(tmp_path):
 def test_command_line(tmp_path, capsys):
     assert main(["repro", "--list"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in REGISTRY)
+    listed = [line.split()[0] for line in out.splitlines()]
+    assert listed == sorted(REGISTRY, key=lambda n: REGISTRY[n].item)  # the order
+    assert listed[:3] == ["addition", "length-generalization", "icl-gradient-descent"]
     assert main(["repro", "additon"]) == 2
     assert 'did you mean "addition"' in capsys.readouterr().err
     with pytest.raises(InputError):
         get("nothing")
     _fake_result(tmp_path, "addition", quick=False)
     assert main(["repro", "--report", "--out", str(tmp_path), "--report-path", str(tmp_path / "r.md")]) == 0
-    assert "`addition`" in (tmp_path / "r.md").read_text()
+    page = tmp_path / "r.md"
+    assert "`addition`" in page.read_text()
+    page.write_text(page.read_text() + f"\n{NOTES_MARKER}\nkept by hand\n")
+    assert main(["repro", "--report", "--out", str(tmp_path), "--report-path", str(page)]) == 0
+    text = page.read_text()
+    assert text.count(NOTES_MARKER) == 1 and text.endswith("kept by hand\n") and text.count("| `addition` |") == 1

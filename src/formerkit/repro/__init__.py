@@ -1,13 +1,15 @@
 """Reproductions of claims from the Transformer literature at small scale: ``formerkit repro NAME``.
 
 Each module registers one ``Repro`` (claim, paper, metric, threshold fixed before running)
-whose experiment trains formerkit's own ``Transformer`` with formerkit's AdamW and schedule on
-synthetic data generated here. See docs/reproductions.md.
+whose experiment trains formerkit's own ``Transformer`` with formerkit's AdamW and schedule (or its
+trainer) on synthetic data generated here or on the standard library's own source. See
+docs/reproductions.md.
 """
 
 from formerkit.repro import (  # noqa: F401  (each module registers its reproduction)
     addition,
     early_exit,
+    icl_algorithm,
     icl_gd,
     jacobi,
     length_gen,

@@ -150,4 +150,5 @@ register(Repro(
     threshold=0.99,
     direction="min",
     run=run,
+    item=1,
 ))

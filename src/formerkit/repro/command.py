@@ -11,7 +11,7 @@ def cmd_repro(args: argparse.Namespace) -> None:
     from formerkit.repro import REGISTRY, run_repro, write_report
 
     if args.list:
-        for name, repro in REGISTRY.items():
+        for name, repro in sorted(REGISTRY.items(), key=lambda kv: kv[1].item):
             print(f"{name:22s} {repro.rule():45s} {repro.paper}")
         return
     if args.report:

@@ -81,4 +81,5 @@ register(Repro(
     threshold=0.8,
     direction="max",
     run=run,
+    item=10,
 ))

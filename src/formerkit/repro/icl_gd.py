@@ -111,6 +111,7 @@ register(Repro(
     threshold=0.99,
     direction="min",
     run=run,
+    item=3,
     not_built="formerkit has no softmax-free attention; the layer is made linear with hooks on the model's "
               "hook points (pattern = raw causal scores, norm divisor = 1, MLP output = 0)",
 ))

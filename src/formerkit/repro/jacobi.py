@@ -72,4 +72,5 @@ register(Repro(
     threshold=1.2,
     direction="min",
     run=run,
+    item=8,
 ))

@@ -128,5 +128,6 @@ register(Repro(
     threshold=0.8,
     direction="max",
     run=run,
+    item=6,
     not_built="z-loss: formerkit's trainer has no z-loss term, so its effect on the curve is not measured",
 ))

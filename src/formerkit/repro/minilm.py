@@ -98,4 +98,5 @@ register(Repro(
     threshold=1.02,
     direction="min",
     run=run,
+    item=11,
 ))

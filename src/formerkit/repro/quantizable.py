@@ -81,4 +81,5 @@ register(Repro(
     threshold=0.5,
     direction="max",
     run=run,
+    item=7,
 ))

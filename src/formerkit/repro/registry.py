@@ -43,6 +43,7 @@ class Repro:
     threshold: float
     direction: Literal["min", "max"]
     run: RunFn
+    item: int = 0  # its number in the list of issue 18, the order of `--list` and of the report
     not_built: str = ""  # parts of the paper's claim this reproduction does not test, and why
 
     def held(self, outcome: Outcome) -> bool:

@@ -27,15 +27,15 @@ def _number(result: dict[str, Any]) -> str:
 
 
 def _cpu(result: dict[str, Any]) -> str:
-    return f"{result['cpu_seconds']:.0f}" if "cpu_seconds" in result else "not recorded"
+    return f"{result['cpu_seconds']:.0f} s CPU" if "cpu_seconds" in result else "CPU time not recorded"
 
 
-def _detail(result: dict[str, Any]) -> str:
+def _detail(result: dict[str, Any], runs: Path) -> str:
     rows = result.get("table") or []
     held = "yes" if result["held"] else "no"
     lines = [f"### {result['name']}", "", f"Claim: {result['claim']}.", "",
              f"Command: `formerkit repro {result['name']} --seed {result['seed']}` ({result['seconds']:.0f} s wall "
-             f"clock, {_cpu(result)} s CPU, {result['machine']['threads']} thread). Held: **{held}**.", ""]
+             f"clock, {_cpu(result)}, {result['machine']['threads']} thread). Held: **{held}**.", ""]
     if result.get("not_built"):
         lines += [f"Not built: {result['not_built']}", ""]
     if rows:
@@ -45,7 +45,7 @@ def _detail(result: dict[str, Any]) -> str:
             lines.append("| " + " | ".join(f"{c:.4g}" if isinstance(c, float) else str(c) for c in row) + " |")
         lines.append("")
     for png in result.get("pngs", []):
-        lines.append(f"Picture: `runs/repro/{result['name']}/{png}` (written by the run).")
+        lines.append(f"Picture: `{runs / result['name'] / png}` (written by the run).")
     return "\n".join(lines)
 
 
@@ -56,7 +56,7 @@ def build_report(runs: str | Path = "runs/repro") -> str:
     when no full run is found.
     """
     results = []
-    for name in REGISTRY:
+    for name in sorted(REGISTRY, key=lambda n: REGISTRY[n].item):
         path = Path(runs) / name / "result.json"
         if path.is_file():
             result = read_json(path)
@@ -71,19 +71,29 @@ def build_report(runs: str | Path = "runs/repro") -> str:
              "| reproduction | claim | paper | our number | held? | seed | seconds (CPU) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
+        cpu = _cpu(r).removesuffix(" s CPU")
         lines.append(f"| `{r['name']}` | {r['claim']} | {r['paper']} | {_number(r)} | "
-                     f"{'yes' if r['held'] else 'no'} | {r['seed']} | {r['seconds']:.0f} ({_cpu(r)}) |")
+                     f"{'yes' if r['held'] else 'no'} | {r['seed']} | {r['seconds']:.0f} ({cpu}) |")
     missing = [name for name in REGISTRY if name not in {r["name"] for r in results}]
     if missing:
         lines += ["", "Registered but without a full run here: " + ", ".join(f"`{m}`" for m in missing) + "."]
     lines += ["", "## Details", ""]
-    lines += [_detail(r) + "\n" for r in results]
+    lines += [_detail(r, Path(runs)) + "\n" for r in results]
     return "\n".join(lines)
 
 
+NOTES_MARKER = "<!-- notes: written by hand, kept when the page is regenerated -->"
+
+
 def write_report(runs: str | Path = "runs/repro", path: str | Path = "docs/reproductions.md") -> Path:
-    """Write ``build_report(runs)`` to ``path``; return the path."""
+    """Write ``build_report(runs)`` to ``path``, keeping an existing page's hand-written notes; return the path.
+
+    The notes are everything from the line ``NOTES_MARKER`` on.
+    """
     text = build_report(runs)
     path = Path(path)
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if NOTES_MARKER in old:
+        text = text.rstrip("\n") + "\n\n" + old[old.index(NOTES_MARKER):]
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
