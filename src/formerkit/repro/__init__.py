@@ -15,7 +15,9 @@ from formerkit.repro import (  # noqa: F401  (each module registers its reproduc
     length_gen,
     lr_sensitivity,
     minilm,
+    moe,
     quantizable,
+    tova,
 )
 from formerkit.repro.registry import REGISTRY, Outcome, Repro, get, register
 from formerkit.repro.report import build_report, write_report
