@@ -239,3 +239,10 @@ def test_a_gpt2_checkpoint_loaded_in_place_quantizes_to_contiguous_int8(tmp_path
     assert all(m.weight.is_contiguous() for m in quantized.modules() if isinstance(m, Int8Linear))
     with torch.no_grad():
         assert _cosine(quantized(IDS[:1, :1]).logits, model(IDS[:1, :1]).logits) > 0.99
+
+
+def test_loaded_int8_benchmark_runs():
+    from conftest import load_script
+
+    out = load_script("benchmarks/int8_loaded.py").main(["--layers", "1", "--rounds", "1"])
+    assert all(len(rates) == 1 and rates[0] > 0 for rates in out.values())
