@@ -208,7 +208,9 @@ def test_rewinding_decoders_and_eviction_refuse_linear_attention():
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["--model.attn_type linear", "--model.attn_type clipped --model.attn_gate true"])
 def test_a_resumed_variant_run_is_bit_identical(tmp_path, variant):
-    args = ("--checkpoint.every", "5", "--log.samples", "0", "--eval.every", "5", *variant.split())
+    # the kernels fixed: timings of a model this small are noise, and a resume may measure a different winner
+    args = ("--checkpoint.every", "5", "--log.samples", "0", "--eval.every", "5", "--optim.kernel", "foreach",
+            "--train.attention", "eager", *variant.split())
     train(config(tmp_path, *args, steps=10))
     straight = losses(tmp_path / "run")
     train(config(tmp_path, *args, "--checkpoint.resume", "step-0000005", steps=10))
