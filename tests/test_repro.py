@@ -173,3 +173,46 @@ def test_command_line(tmp_path, capsys):
     assert main(["repro", "--report", "--out", str(tmp_path), "--report-path", str(page)]) == 0
     text = page.read_text()
     assert text.count(NOTES_MARKER) == 1 and text.endswith("kept by hand\n") and text.count("| `addition` |") == 1
+
+
+def test_bursty_icl_sequences_hold_what_each_condition_promises():
+    from formerkit.repro import bursty_icl as b
+
+    gen = torch.Generator().manual_seed(0)
+    probs = b.zipf_probabilities(b.CLASSES)
+    assert probs[0] / probs[9] == pytest.approx(10.0) and float(probs.sum()) == pytest.approx(1.0)
+    for bursty in (True, False):
+        ids, labels = b.training_batch(bursty, 64, probs, gen)
+        items, shown = ids[:, 0::2], ids[:, 1::2]  # (B, PAIRS + 1) each
+        assert torch.equal(shown, b.fixed_labels()[items])  # every training class keeps its label
+        assert (labels[:, :-1] == IGNORE_INDEX).all() and torch.equal(labels[:, -1], ids[:, -1])
+        in_context = (items[:, :-1] == items[:, -1:]).sum(1)
+        assert (in_context == b.PAIRS // 2).all() if bursty else (in_context < b.PAIRS // 2).float().mean() > 0.9
+    ids, _ = b.icl_batch(64, gen)
+    items, shown = ids[:, 0::2], ids[:, 1::2]
+    assert (items >= b.CLASSES).all() and (items < b.ITEMS).all()  # held-out classes only
+    for row_items, row_labels in zip(items.tolist(), shown.tolist(), strict=True):
+        mapping = dict(zip(row_items, row_labels, strict=True))
+        assert len(mapping) == 2 and len(set(mapping.values())) == 2  # two classes, two labels, one per class
+        assert all(mapping[i] == lab for i, lab in zip(row_items, row_labels, strict=True))
+    ids, _ = b.iwl_batch(64, gen)
+    assert (ids[:, -2] < b.HELD_OUT).all() and not (ids[:, 0:-2:2] == ids[:, -2:-1]).any()
+
+
+def test_two_way_accuracy_chooses_among_the_labels_the_context_shows():
+    from formerkit.repro import bursty_icl as b
+
+    class Fixed(torch.nn.Module):
+        """Logits favouring one label token everywhere, whatever the input."""
+
+        def forward(self, ids):
+            logits = torch.zeros(*ids.shape, b.ITEMS + b.LABELS)
+            logits[..., b.ITEMS + b.LABELS - 1] = 5.0  # a label never in these contexts
+            logits[..., b.ITEMS] = 1.0
+            return type("Out", (), {"logits": logits})()
+
+    items = torch.tensor([[b.CLASSES] * 4 + [b.CLASSES + 1] * 4 + [b.CLASSES]])
+    labels = torch.where(items == b.CLASSES, b.ITEMS, b.ITEMS + 1)
+    ids, lm = b.sequences(items, labels)
+    assert b.accuracy(Fixed(), ids, lm) == 0.0  # the unseen label wins over every token
+    assert b.accuracy(Fixed(), ids, lm, among_context=True) == 1.0  # between the two shown, ITEMS is right

@@ -8,6 +8,7 @@ docs/reproductions.md.
 
 from formerkit.repro import (  # noqa: F401  (each module registers its reproduction)
     addition,
+    bursty_icl,
     early_exit,
     icl_algorithm,
     icl_gd,
