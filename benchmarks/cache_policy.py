@@ -19,6 +19,7 @@ import io
 import json
 import math
 import shutil
+import sys
 import sysconfig
 import tempfile
 import time
@@ -28,12 +29,14 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-import formerkit as fk
-from formerkit.data import WindowBatches, eval_batches, load_corpus, resolve_source
-from formerkit.generate.cache_policy import CachePolicy
-from formerkit.generate.eviction import policy_logits
-from formerkit.hardware import describe_machine
-from formerkit.tokenizers import ByteTokenizer, train_bpe
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import formerkit as fk  # noqa: E402
+from formerkit.data import WindowBatches, eval_batches, load_corpus, resolve_source  # noqa: E402
+from formerkit.generate.cache_policy import CachePolicy  # noqa: E402
+from formerkit.generate.eviction import policy_logits  # noqa: E402
+from formerkit.hardware import describe_machine  # noqa: E402
+from formerkit.tokenizers import ByteTokenizer, train_bpe  # noqa: E402
+from prune_curve import train_model  # noqa: E402  (the same short training loop)
 
 FULL = dict(model=dict(n_layers=4, d_model=128, n_heads=4, n_kv_heads=None, d_ff=352), seq_len=256, batch=8,
             vocab=2048, packages=("json", "email", "http"), lr=3e-3, windows=32, fractions=(2, 4, 8, 16))
@@ -51,25 +54,6 @@ def corpus(work: Path, packages: tuple[str, ...], tokenizer):
     if tokenizer is None:
         tokenizer = train_bpe(source.documents(), 2048)
     return tokenizer, load_corpus(source, tokenizer, cache_dir=work / "cache", val_fraction=0.1)
-
-
-def train_model(cfg: fk.ModelConfig, data: WindowBatches, steps: int, lr: float) -> fk.Transformer:
-    """AdamW with warmup and cosine decay, gradient clipping at 1; returns the model in eval mode."""
-    torch.manual_seed(0)
-    model = fk.Transformer(cfg).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, steps // 20)
-    for step in range(steps):
-        scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * scale
-        x, y = data.batch(step)
-        loss = torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-    return model.eval()
 
 
 def perplexities(model: fk.Transformer, windows: torch.Tensor, policy: CachePolicy) -> tuple[float, float]:

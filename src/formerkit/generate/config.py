@@ -85,6 +85,15 @@ class GenerationConfig:
         """True when each token is the argmax (temperature 0)."""
         return self.temperature == 0
 
+    def beyond_plain_greedy(self) -> list[str]:
+        """The options set here that plain greedy decoding does not honour: beams, sampling, a repetition
+        penalty, stop sequences or strings, an evicting cache policy (what Jacobi and early-exit decoding refuse)."""
+        return [name for name, on in (("num_beams > 1 (beam search)", self.num_beams > 1),
+                                      ("temperature > 0 (sampling)", not self.greedy),
+                                      ("repetition_penalty", self.repetition_penalty != 1.0),
+                                      ("stop", bool(self.stop)), ("stop_strings", bool(self.stop_strings)),
+                                      ("cache_policy", self.cache_policy.evicts)) if on]
+
     def replace(self, **options: Any) -> GenerationConfig:
         """A copy with ``options`` (field names) changed, validated; InputError names an unknown field."""
         return with_options(self, options)

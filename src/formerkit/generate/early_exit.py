@@ -49,12 +49,7 @@ def _check(model: Transformer, config: GenerationConfig, threshold: object) -> N
                          "this model has none")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
         raise InputError(f"threshold must be a probability (a number >= 0; above 1 never exits), got {threshold!r}")
-    unsupported = [name for name, on in (("num_beams > 1 (beam search)", config.num_beams > 1),
-                                         ("temperature > 0 (sampling)", not config.greedy),
-                                         ("repetition_penalty", config.repetition_penalty != 1.0),
-                                         ("stop", bool(config.stop)), ("stop_strings", bool(config.stop_strings)),
-                                         ("cache_policy", config.cache_policy.evicts))
-                   if on]
+    unsupported = config.beyond_plain_greedy()
     if unsupported:
         raise InputError(f"early-exit decoding is greedy; it does not take {', '.join(unsupported)}")
 

@@ -53,12 +53,7 @@ def _check_options(config: GenerationConfig, block_size: object) -> None:
     """InputError for options Jacobi decoding cannot honour exactly."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise InputError(f"block_size must be an integer >= 1, got {block_size!r}")
-    unsupported = [name for name, on in (("num_beams > 1 (beam search)", config.num_beams > 1),
-                                         ("temperature > 0 (sampling)", not config.greedy),
-                                         ("repetition_penalty", config.repetition_penalty != 1.0),
-                                         ("stop", bool(config.stop)), ("stop_strings", bool(config.stop_strings)),
-                                         ("cache_policy", config.cache_policy.evicts))
-                   if on]
+    unsupported = config.beyond_plain_greedy()
     if unsupported:
         raise InputError(f"Jacobi decoding is greedy decoding computed in parallel; it does not take "
                          f"{', '.join(unsupported)}. Leave those at their defaults, or use generate")
