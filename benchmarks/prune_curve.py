@@ -32,6 +32,7 @@ import formerkit as fk
 from formerkit.compress.prune import prune, prune_heads, prune_neurons
 from formerkit.data import WindowBatches, eval_batches, load_corpus, resolve_source
 from formerkit.hardware import describe_machine
+from formerkit.repro.trained import held_out_loss
 from formerkit.tokenizers import ByteTokenizer, train_bpe
 
 FULL = dict(model=dict(n_layers=4, d_model=128, n_heads=4, n_kv_heads=None, d_ff=352), seq_len=128, batch=8,
@@ -71,17 +72,6 @@ def train_model(cfg: fk.ModelConfig, data: WindowBatches, steps: int, lr: float)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
     return model.eval()
-
-
-@torch.no_grad()
-def held_out_loss(model: fk.Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean next-token loss over (x, y) windows (every token weighs the same)."""
-    total = count = 0.0
-    for x, y in batches:
-        logits = model(x).logits  # (B, T, V)
-        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
-        count += y.numel()
-    return total / count
 
 
 def prune_randomly(model: fk.Transformer, fraction: float, seed: int) -> fk.Transformer:

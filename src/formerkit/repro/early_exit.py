@@ -10,7 +10,6 @@ The claim is judged at the cheapest threshold whose held-out loss stays within 1
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from formerkit.cache import KVCache
 from formerkit.model import Transformer
 from formerkit.repro.common import line_png
 from formerkit.repro.registry import Outcome, Repro, register
-from formerkit.repro.trained import train_on_package, windows
+from formerkit.repro.trained import trained_and_held_out
 
 THRESHOLDS = (2.0, 0.99, 0.95, 0.9, 0.8, 0.6, 0.4, 0.0)  # 2.0: never exits early
 FULL = dict(layers=6, d_model=128, heads=4, seq_len=128, batch=16, package="email", rows=4, steps=800)
@@ -47,13 +46,7 @@ def run(seed: int, quick: bool, out_dir: Path) -> Outcome:
     threshold within 1% of the full model's loss."""
     shape = QUICK if quick else FULL
     depth = shape["layers"]
-    size = dict(batch=shape["batch"], seq_len=shape["seq_len"])
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        model = train_on_package(work / "run", shape["package"], work / "cache", layers=depth,
-                                 d_model=shape["d_model"], heads=shape["heads"], steps=shape["steps"], seed=seed,
-                                 extra=["--model.exit_layers", str(list(range(depth - 1)))], **size)
-        x, _ = windows(shape["package"], work / "cache", max_batches=1, **size)[0]
+    model, x = trained_and_held_out(shape, seed, extra=["--model.exit_layers", str(list(range(depth - 1)))])
     curve = {t: read_with_exits(model, x[:shape["rows"]], t) for t in THRESHOLDS}
     full_loss = curve[2.0][0]
     keeping = [layers for loss, layers in curve.values() if loss <= full_loss * (1 + TOLERANCE)]

@@ -10,7 +10,6 @@ CPU a pass over 8 positions is not free).
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from formerkit.generate import generate, jacobi_generate
 from formerkit.repro.common import line_png
 from formerkit.repro.registry import Outcome, Repro, register
-from formerkit.repro.trained import train_on_package, windows
+from formerkit.repro.trained import trained_and_held_out
 
 BLOCKS = (2, 4, 8, 16)
 FULL = dict(layers=4, d_model=128, heads=4, seq_len=128, batch=16, package="email", steps=600, prompts=8,
@@ -31,13 +30,7 @@ QUICK = dict(layers=1, d_model=32, heads=2, seq_len=32, batch=4, package="json",
 def run(seed: int, quick: bool, out_dir: Path) -> Outcome:
     """Train, decode every prompt greedily and with Jacobi blocks; the value is block 8's tokens per pass."""
     shape = QUICK if quick else FULL
-    size = dict(batch=shape["batch"], seq_len=shape["seq_len"])
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        model = train_on_package(work / "run", shape["package"], work / "cache", layers=shape["layers"],
-                                 d_model=shape["d_model"], heads=shape["heads"], steps=shape["steps"], seed=seed,
-                                 **size)
-        x, _ = windows(shape["package"], work / "cache", max_batches=1, **size)[0]
+    model, x = trained_and_held_out(shape, seed)
     prompts = x[:shape["prompts"], :shape["prompt_len"]]
     start = time.perf_counter()
     greedy = [generate(model, p[None], max_new_tokens=shape["new_tokens"]) for p in prompts]

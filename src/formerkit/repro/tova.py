@@ -11,7 +11,6 @@ window of the same 32 tokens; the measure is held-out perplexity.
 from __future__ import annotations
 
 import math
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ from formerkit.generate.cache_policy import parse_cache_policy
 from formerkit.generate.eviction import policy_logits
 from formerkit.repro.common import bar_png
 from formerkit.repro.registry import Outcome, Repro, register
-from formerkit.repro.trained import train_on_package, windows
+from formerkit.repro.trained import trained_and_held_out
 
 FULL = dict(layers=4, d_model=128, heads=4, seq_len=256, batch=8, package="email", steps=600, rows=4)
 QUICK = dict(layers=1, d_model=32, heads=2, seq_len=32, batch=2, package="json", steps=3, rows=1)
@@ -37,13 +36,7 @@ def perplexity(model, rows: torch.Tensor, policy: str) -> float:
 def run(seed: int, quick: bool, out_dir: Path) -> Outcome:
     """Train, read the held-out rows under each policy; the value is TOVA's perplexity over the full cache's."""
     shape = QUICK if quick else FULL
-    size = dict(batch=shape["batch"], seq_len=shape["seq_len"])
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        model = train_on_package(work / "run", shape["package"], work / "cache", layers=shape["layers"],
-                                 d_model=shape["d_model"], heads=shape["heads"], steps=shape["steps"], seed=seed,
-                                 **size)
-        x, _ = windows(shape["package"], work / "cache", max_batches=1, **size)[0]
+    model, x = trained_and_held_out(shape, seed)
     rows = x[:shape["rows"]]
     budget = shape["seq_len"] // BUDGET_SHARE
     ppl = {name: perplexity(model, rows, spec)

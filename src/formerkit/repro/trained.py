@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import sysconfig
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,20 @@ def train_on_package(run_dir: Path, package: str, cache_dir: Path, **sizes: Any)
     with contextlib.redirect_stdout(io.StringIO()):
         train(package_config(run_dir, package, cache_dir, **sizes))
     return from_pretrained(run_dir).eval()
+
+
+def trained_and_held_out(shape: dict[str, Any], seed: int, extra: Sequence[str] = ()
+                         ) -> tuple[Transformer, torch.Tensor]:
+    """Train one model of ``shape`` (layers, d_model, heads, seq_len, batch, package, steps) in a temporary
+    directory; return it and one batch of held-out windows x (batch, seq_len)."""
+    size = dict(batch=shape["batch"], seq_len=shape["seq_len"])
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = train_on_package(work / "run", shape["package"], work / "cache", layers=shape["layers"],
+                                 d_model=shape["d_model"], heads=shape["heads"], steps=shape["steps"], seed=seed,
+                                 extra=extra, **size)
+        x, _ = windows(shape["package"], work / "cache", max_batches=1, **size)[0]
+    return model, x
 
 
 @torch.no_grad()
