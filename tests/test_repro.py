@@ -11,7 +11,7 @@ import torch
 
 from formerkit.cli import main
 from formerkit.errors import InputError
-from formerkit.repro import REGISTRY, Outcome, Repro, build_report, get, run_repro
+from formerkit.repro import REGISTRY, Outcome, Repro, build_report, get, result_dir, run_repro
 from formerkit.repro.addition import answer_labels, cascade_length, encode
 from formerkit.repro.icl_gd import lsa_model, lsa_predict
 from formerkit.repro.icl_regression import (
@@ -31,7 +31,9 @@ KEYS = {"claim", "metric", "value", "threshold", "held", "seed", "seconds"}
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_reproduction_runs_quick_and_judges_itself(name, tmp_path, capsys):
     result = run_repro(name, seed=1, quick=True, out=tmp_path)
-    stored = json.loads((tmp_path / name / "result.json").read_text())
+    out_dir = result_dir(tmp_path, name, 1)
+    assert out_dir == tmp_path / name / "seed-1"  # seed 0's run stays where it was
+    stored = json.loads((out_dir / "result.json").read_text())
     assert stored == json.loads(json.dumps(result))
     assert KEYS <= set(stored)
     assert isinstance(stored["held"], bool) and stored["seed"] == 1 and stored["quick"] is True
@@ -39,7 +41,7 @@ def test_every_reproduction_runs_quick_and_judges_itself(name, tmp_path, capsys)
     repro = REGISTRY[name]
     assert stored["threshold"] == repro.threshold
     assert stored["held"] == repro.held(Outcome(stored["value"], stored["checks"]))
-    assert stored["pngs"] and all((tmp_path / name / png).stat().st_size > 0 for png in stored["pngs"])
+    assert stored["pngs"] and all((out_dir / png).stat().st_size > 0 for png in stored["pngs"])
     assert ("HELD" in capsys.readouterr().out)
 
 
@@ -133,14 +135,15 @@ def test_markov_data_and_lr_sensitivity():
     assert lr_sensitivity([2.0, 3.0, float("nan"), 7.0], 5.0) == pytest.approx(1.75)
 
 
-def _fake_result(tmp_path, name, quick):
+def _fake_result(tmp_path, name, quick, seed=0, value=0.5, held=False):
     repro = REGISTRY[name]
-    data = {"name": name, "claim": repro.claim, "paper": repro.paper, "metric": repro.metric, "value": 0.5,
-            "threshold": repro.threshold, "rule": repro.rule(), "checks": {"a check": False}, "held": False,
-            "seed": 3, "seconds": 12.0, "quick": quick, "not_built": "", "table": [["k", "v"], ["x", 0.25]],
+    data = {"name": name, "claim": repro.claim, "paper": repro.paper, "metric": repro.metric, "value": value,
+            "threshold": repro.threshold, "rule": repro.rule(), "checks": {"a check": held}, "held": held,
+            "seed": seed, "seconds": 12.0, "quick": quick, "not_built": "", "table": [["k", "v"], ["x", 0.25]],
             "pngs": ["loss.png"], "machine": {"cpu": "Some CPU", "threads": 1}}
-    (tmp_path / name).mkdir(parents=True, exist_ok=True)
-    (tmp_path / name / "result.json").write_text(json.dumps(data))
+    out_dir = result_dir(tmp_path, name, seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "result.json").write_text(json.dumps(data))
 
 
 def test_report_tables_full_runs_only(tmp_path):
@@ -153,6 +156,21 @@ def test_report_tables_full_runs_only(tmp_path):
     assert f"| `{names[0]}` |" in text and f"| `{names[1]}` |" not in text
     assert "Some CPU" in text and "failed: a check" in text and "| x | 0.25 |" in text
     assert f"`{names[1]}`" in text.split("Registered but without a full run here:")[1]
+    assert "| 0 | one seed |" in text
+
+
+def test_report_gives_the_spread_over_seeds(tmp_path):
+    name = sorted(REGISTRY)[0]
+    _fake_result(tmp_path, name, quick=False, seed=0, value=0.5)
+    _fake_result(tmp_path, name, quick=False, seed=1, value=0.7, held=True)
+    _fake_result(tmp_path, name, quick=False, seed=2, value=0.9)
+    _fake_result(tmp_path, name, quick=True, seed=5, value=100.0)  # quick runs never count
+    text = build_report(tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
+    assert "| 0.5 (" in row  # the row is seed 0's run
+    assert "0.7 ± 0.2 (0.5 to 0.9; held 1/3; seeds 0, 1, 2)" in row  # mean ± sample std
+    assert "seed 1: 0.7, held; seed 2: 0.9, not held (failed: a check)." in text
+    assert f"`{tmp_path / name / 'loss.png'}`" in text
 
 
 def test_command_line(tmp_path, capsys):

@@ -22,6 +22,6 @@ from formerkit.repro import (  # noqa: F401  (each module registers its reproduc
 )
 from formerkit.repro.registry import REGISTRY, Outcome, Repro, get, register
 from formerkit.repro.report import build_report, write_report
-from formerkit.repro.runner import run_repro
+from formerkit.repro.runner import result_dir, run_repro
 
-__all__ = ["REGISTRY", "Outcome", "Repro", "build_report", "get", "register", "run_repro", "write_report"]
+__all__ = ["REGISTRY", "Outcome", "Repro", "build_report", "get", "register", "result_dir", "run_repro", "write_report"]

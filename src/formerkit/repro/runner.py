@@ -15,9 +15,17 @@ from formerkit.repro.common import format_table
 from formerkit.repro.registry import get
 
 
+def result_dir(out: str | Path, name: str, seed: int) -> Path:
+    """Where a run of ``name`` with ``seed`` writes: ``OUT/NAME`` for seed 0, ``OUT/NAME/seed-S`` for another seed.
+
+    So runs with other seeds (the report's spread) never overwrite the seed-0 run's result and pictures.
+    """
+    return Path(out) / name if seed == 0 else Path(out) / name / f"seed-{seed}"
+
+
 def run_repro(name: str, *, seed: int = 0, quick: bool = False, out: str | Path = "runs/repro",
               verbose: bool = True) -> dict[str, Any]:
-    """Run the reproduction ``name`` and write ``OUT/NAME/result.json``; return that result.
+    """Run the reproduction ``name`` and write ``result.json`` under ``result_dir(out, name, seed)``; return it.
 
     The result holds claim, metric, value, threshold, held (a bool computed from the run),
     seed, seconds (wall clock) and cpu_seconds (this process's CPU time: on a shared machine the
@@ -25,7 +33,7 @@ def run_repro(name: str, *, seed: int = 0, quick: bool = False, out: str | Path 
     (under a minute) whose numbers are for testing the pipeline, not for judging the claim.
     """
     repro = get(name)
-    out_dir = Path(out) / name
+    out_dir = result_dir(out, name, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     threads = torch.get_num_threads()

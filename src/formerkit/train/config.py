@@ -76,6 +76,8 @@ class TrainSection:
                                              "load-balancing loss added to the causal/mlm loss (0: off)")
     router_z_loss_coef: float = _opt(0.001, "a mixture of experts: weight of the router z-loss (mean squared "
                                             "logsumexp of the router logits) added to the loss (0: off)")
+    z_loss_coef: float = _opt(0.0, "objective=causal|mlm: weight of the output z-loss, the mean squared log of the "
+                                   "softmax normalizer over the vocabulary (PaLM uses 1e-4; 0: off)")
 
 
 @dataclass
@@ -373,9 +375,11 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"train.max_minutes must be positive, got {t.max_minutes}")
     if not 0 <= t.label_smoothing < 1:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
-    for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+    for name in ("router_aux_loss_coef", "router_z_loss_coef", "z_loss_coef"):
         if not 0 <= getattr(t, name) < float("inf"):
             raise ConfigError(f"train.{name} must be a finite number >= 0, got {getattr(t, name)}")
+    if t.z_loss_coef and t.objective not in ("causal", "mlm"):
+        raise ConfigError(f"train.z_loss_coef applies to objective=causal or mlm, not {t.objective}; set it to 0")
     if o.schedule == "inverse_sqrt" and o.warmup_steps < 1:
         raise ConfigError("optim.schedule=inverse_sqrt needs optim.warmup_steps >= 1 (the peak comes at its end)")
     _validate_lora(cfg)

@@ -46,6 +46,20 @@ def with_router_losses(loss: torch.Tensor, model, coefs: tuple[float, float]) ->
     return loss + coefs[0] * losses[0] + coefs[1] * losses[1]
 
 
+def output_z_loss(logits: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The output z-loss (PaLM; Wortsman et al. 2024): mean over positions of log(Z)^2, Z = sum over the vocabulary
+    of exp(logits).
+
+    ``logits`` (..., V); ``keep`` (...) a boolean mask of the positions that count (all when None).
+    Returns a scalar (computed in fp32). It pulls the softmax normalizer towards 1, which keeps the
+    output logits from drifting to large magnitudes at high learning rates.
+    """
+    log_z = torch.logsumexp(logits.float(), dim=-1)  # (...)
+    if keep is not None:
+        log_z = log_z[keep]
+    return log_z.square().mean()
+
+
 class Objective(Protocol):
     """The interface the trainer uses."""
 
@@ -76,7 +90,8 @@ class CausalLM:
     """Next-token prediction on random windows of a token array.
 
     With ``bytes_per_token`` (of the evaluation windows) the evaluation also reports bits per byte.
-    ``router_coefs``: (load-balancing, z-loss) coefficients of a mixture of experts' training loss.
+    ``router_coefs``: (load-balancing, z-loss) coefficients of a mixture of experts' training loss;
+    ``z_loss_coef``: weight of the output z-loss (``output_z_loss``) in the training loss (0: off).
     """
 
     train: WindowBatches
@@ -86,6 +101,7 @@ class CausalLM:
     eval_batches: int
     bytes_per_token: float | None = None
     router_coefs: tuple[float, float] = (0.0, 0.0)
+    z_loss_coef: float = 0.0
 
     def train_batch(self, step: int) -> Batch:
         """Rows of step ``step`` for this process: input x (B, T) and targets y (B, T)."""
@@ -93,16 +109,27 @@ class CausalLM:
         return {"x": x, "y": y}
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Mean next-token cross-entropy of the batch (+ the router losses of a mixture of experts); while
-        training a model with early exits, the cross-entropy is the mean of the LM head's and every exit's
-        (the exits are trained jointly)."""
-        return with_router_losses(self.cross_entropy(model, batch), model, self.router_coefs)
+        """Mean next-token cross-entropy of the batch (+ ``z_loss_coef`` x the output z-loss, + the router losses
+        of a mixture of experts); while training a model with early exits, both are the mean of the LM head's
+        and every exit's (the exits are trained jointly)."""
+        heads = self._heads(model, batch)
+        loss = self._cross_entropy(heads, batch)
+        if self.z_loss_coef:
+            loss = loss + self.z_loss_coef * sum(output_z_loss(logits) for logits in heads) / len(heads)
+        return with_router_losses(loss, model, self.router_coefs)
 
     def cross_entropy(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Mean next-token cross-entropy of the batch, averaged over the LM head and any early exits' logits."""
+        return self._cross_entropy(self._heads(model, batch), batch)
+
+    @staticmethod
+    def _heads(model: nn.Module, batch: Batch) -> list[torch.Tensor]:
         out = model(batch["x"])
+        return [out.logits, *(out.exit_logits or [])]  # each (B, T, V)
+
+    @staticmethod
+    def _cross_entropy(heads: list[torch.Tensor], batch: Batch) -> torch.Tensor:
         targets = batch["y"].flatten()
-        heads = [out.logits, *(out.exit_logits or [])]  # each (B, T, V)
         return sum(F.cross_entropy(logits.flatten(0, 1).float(), targets) for logits in heads) / len(heads)
 
     def tokens(self, batch: Batch) -> int:
@@ -156,6 +183,7 @@ class MaskedLM:
     special: torch.Tensor
     seed: int
     router_coefs: tuple[float, float] = (0.0, 0.0)  # (load-balancing, z-loss) of a mixture of experts
+    z_loss_coef: float = 0.0  # weight of the output z-loss over the masked positions
 
     def _mask(self, x: torch.Tensor, step: int, salt: int) -> Batch:
         inputs, labels = mask_tokens(x, step_generator(self.seed, step, salt), probability=self.probability,
@@ -169,9 +197,12 @@ class MaskedLM:
         return {k: torch.cat([r[k] for r in rows]) for k in ("x", "labels")}
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Mean cross-entropy over the masked positions (+ the router losses of a mixture of experts)."""
+        """Mean cross-entropy over the masked positions (+ ``z_loss_coef`` x their output z-loss, + the router
+        losses of a mixture of experts)."""
         logits = model(batch["x"]).logits  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        if self.z_loss_coef:
+            loss = loss + self.z_loss_coef * output_z_loss(logits, batch["labels"] != IGNORE_INDEX)
         return with_router_losses(loss, model, self.router_coefs)
 
     def tokens(self, batch: Batch) -> int:

@@ -162,11 +162,11 @@ def build_objective(cfg: TrainConfig, tokenizer, source: TextSource | None, info
         per_token = bytes_per_token(corpus.val, tokenizer, batch_size=eval_batch, seq_len=t.seq_len,
                                     max_batches=cfg.eval.batches)
         return CausalLM(windows, corpus.val, t.seq_len, eval_batch, cfg.eval.batches, per_token,
-                        (t.router_aux_loss_coef, t.router_z_loss_coef)), model_cfg, line
+                        (t.router_aux_loss_coef, t.router_z_loss_coef), t.z_loss_coef), model_cfg, line
     if tokenizer.mask_id is None:
         raise ConfigError("train.objective=mlm needs a tokenizer with a mask token")
     special = torch.tensor([i for i in (tokenizer.pad_id, tokenizer.eos_id, tokenizer.mask_id) if i is not None])
     objective = MaskedLM(windows, corpus.val, t.seq_len, eval_batch, cfg.eval.batches, t.mlm_probability,
                          tokenizer.mask_id, tokenizer.vocab_size, special, t.seed,
-                         (t.router_aux_loss_coef, t.router_z_loss_coef))
+                         (t.router_aux_loss_coef, t.router_z_loss_coef), t.z_loss_coef)
     return objective, model_cfg, line
