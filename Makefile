@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch, pinned: an unpinned torch would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo translate digits tour lint clean venv bench-decode
+.PHONY: test demo translate digits tour lint clean venv bench-decode bench-serve
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,22 @@ $(LLAMA_CPP_SRC)/convert_hf_to_gguf.py: $(VENV)/.installed
 
 bench-decode: $(LLAMA_CPP_SRC)/convert_hf_to_gguf.py
 	$(PY) benchmarks/generate_throughput.py --models llama --batches 1,8 --new-tokens 128 --prompt-speed 512 --llamacpp
+
+# Serving load test against llama.cpp's own C++ server (docs/serving.md): builds llama-server from the same
+# source distribution (cmake, target llama-server only; 20-30 minutes on 2 cores, once) under .cache/llama-server.
+LLAMA_SERVER_SRC := .cache/llama-server/src
+LLAMA_SERVER := $(LLAMA_SERVER_SRC)/build/bin/llama-server
+$(LLAMA_SERVER): $(LLAMA_CPP_SRC)/convert_hf_to_gguf.py
+	rm -rf .cache/llama-server && mkdir -p $(LLAMA_SERVER_SRC)
+	$(PY) -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_CPP_VERSION)" -d .cache/llama-server
+	tar xzf .cache/llama-server/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_SERVER_SRC) --strip-components 3 \
+		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp
+	cmake -S $(LLAMA_SERVER_SRC) -B $(LLAMA_SERVER_SRC)/build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+		-DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF $(LLAMA_CMAKE_ARGS)
+	cmake --build $(LLAMA_SERVER_SRC)/build --target llama-server -j$$(nproc)
+
+bench-serve: $(LLAMA_SERVER)
+	$(PY) benchmarks/serve_load.py --model llama --levels 1,4,16 --requests 4,12,32 --llama-server $(LLAMA_SERVER)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests benchmarks examples

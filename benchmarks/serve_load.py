@@ -6,10 +6,13 @@ tokenizer; formerkit loads the same directory and llama.cpp's own converter turn
 GGUF file (``llamacpp.py``), so every contender runs the same fp32 weights.
 
 Each server runs in a child process with ``--threads`` threads: ``formerkit serve --max-batch
-16`` (continuous batching), and ``python -m llama_cpp.server`` (llama-cpp-python's
-OpenAI-compatible server, one llama.cpp context: it serves ONE request at a time, queueing the
-rest behind a lock; ``--interrupt_requests False`` so a new request does not cut the stream in
-progress; ``--n_batch 512``; skipped when llama-cpp-python[server] or the converter is missing).
+16`` (continuous batching); llama.cpp's own C++ server ``llama-server -np 16`` (16 parallel slots
+of 1,024 tokens, continuous batching; built from the llama-cpp-python source distribution by
+``make bench-serve``, found at ``--llama-server`` or ``$FORMERKIT_LLAMA_SERVER``; skipped when
+absent); and ``python -m llama_cpp.server`` (llama-cpp-python's OpenAI-compatible server, one
+llama.cpp context: it serves ONE request at a time, queueing the rest behind a lock;
+``--interrupt_requests False`` so a new request does not cut the stream in progress; ``--n_batch
+512``; skipped when llama-cpp-python[server] or the converter is missing, or with ``--no-llamacpp``).
 The load comes from this process with httpx's asyncio client: requests arrive as a Poisson process
 (``--rate`` per second) with at most ``concurrency`` in flight, each streaming a greedy completion
 of exactly ``--new-tokens`` tokens (formerkit: ``ignore_eos``; llama.cpp: ``min_tokens``) after
@@ -60,6 +63,7 @@ from generate_throughput import VOCAB, save_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW = 30.0  # seconds per soak report window
+LLAMA_SERVER = ROOT / ".cache/llama-server/src/build/bin/llama-server"  # where make bench-serve builds it
 
 
 def prompts_for(n: int, tok: fk.Tokenizer, seed: int = 0) -> list[str]:
@@ -81,6 +85,8 @@ def request_body(server: str, prompt: str, new_tokens: int, stream: bool = True)
     body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": stream}
     if server == "llama.cpp":
         return {**body, "min_tokens": new_tokens, "repeat_penalty": 1.0}  # its default penalty is 1.1
+    if server == "llama-server":
+        return {**body, "ignore_eos": True, "repeat_penalty": 1.0}
     return {**body, "ignore_eos": True, **({"stream_options": {"include_usage": True}} if stream else {})}
 
 
@@ -109,9 +115,9 @@ async def one_request(client: httpx.AsyncClient, body: dict, new_tokens: int, ha
             chunk = json.loads(payload)
             if "error" in chunk:
                 ok = False
-            elif chunk.get("usage"):
-                usage = chunk["usage"]
-            elif chunk["choices"]:
+                continue
+            usage = chunk.get("usage") or usage  # llama-server sends it with the last choice, formerkit alone
+            if chunk["choices"]:
                 text.append(chunk["choices"][0]["text"])
                 finish = chunk["choices"][0]["finish_reason"] or finish
                 if chunk["choices"][0]["finish_reason"] is None:
@@ -129,7 +135,9 @@ async def load(url: str, server: str, prompts: list[str], concurrency: int, rate
     """Send ``prompts`` as Poisson arrivals at ``rate``/s with at most ``concurrency`` in flight; summarize."""
     rng = random.Random(1)
     gate = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=1200, limits=httpx.Limits(max_connections=64)) as client:
+    # a fresh connection per request: llama-server closes a streamed response's connection, and a reused one fails
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=1200, limits=limits) as client:
 
         async def guarded(prompt):
             async with gate:
@@ -282,6 +290,15 @@ def llamacpp_server(gguf: Path, threads: int):
                           "--verbose", "False"], port, threads)
 
 
+def llama_server(binary: Path, gguf: Path, threads: int, slots: int = 16):
+    """llama.cpp's C++ ``llama-server`` with ``slots`` parallel slots of 1,024 tokens on ``gguf``: (process, url)."""
+    port = free_port()
+    return start_process([str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                          "--threads", str(threads), "--threads-batch", str(threads), "--parallel", str(slots),
+                          "--ctx-size", str(1024 * slots), "--batch-size", "512", "--cont-batching",
+                          "--no-webui"], port, threads)
+
+
 def stop(proc: subprocess.Popen) -> None:
     """Ask a server process to stop (SIGTERM) and wait for it."""
     proc.terminate()
@@ -310,7 +327,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rate", type=float, default=50.0, help="Poisson arrival rate (requests/s)")
     parser.add_argument("--baseline-requests", type=int, default=4, help="requests timed for each baseline")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp's server")
+    parser.add_argument("--no-llamacpp", action="store_true", help="skip llama-cpp-python's server")
+    parser.add_argument("--llama-server", type=Path,
+                        default=Path(os.environ.get("FORMERKIT_LLAMA_SERVER", LLAMA_SERVER)),
+                        help="llama.cpp's C++ llama-server binary (make bench-serve builds it; skipped when absent)")
     parser.add_argument("--no-load", action="store_true", help="skip the load levels and baselines (soak only)")
     parser.add_argument("--soak", type=float, default=0.0,
                         help="then soak formerkit serve for this many seconds (16 rows, 16 queue places, 24 callers)")
@@ -352,16 +372,29 @@ def load_and_baselines(args, directory: Path, ours, theirs, tok, prompts: list[s
         run_levels("formerkit serve", url, "formerkit", prompts, args, levels, counts, results)
     finally:
         stop(proc)
-    why = "--no-llamacpp" if args.no_llamacpp else llamacpp.available() or server_missing()
+    converter_missing = llamacpp.available()
+    gguf = None if converter_missing else llamacpp.convert(directory, directory / "model-f32.gguf", "fp32")
+    why = converter_missing or (None if args.llama_server.is_file() else f"no binary at {args.llama_server}; "
+                                "make bench-serve builds it")
     if why:
-        print(f"llama.cpp's server skipped: {why}")
+        print(f"llama-server skipped: {why}")
     else:
-        gguf = llamacpp.convert(directory, directory / "model-f32.gguf", "fp32")
+        proc, url = llama_server(args.llama_server, gguf, args.threads)
+        try:
+            theirs_text = asyncio.run(first_text(url, "llama-server", prompts[0], n))
+            print(f"llama-server greedy text == formerkit's: {theirs_text == first}", flush=True)
+            run_levels("llama-server -np 16", url, "llama-server", prompts, args, levels, counts, results)
+        finally:
+            stop(proc)
+    why = "--no-llamacpp" if args.no_llamacpp else converter_missing or server_missing()
+    if why:
+        print(f"llama-cpp-python's server skipped: {why}")
+    else:
         proc, url = llamacpp_server(gguf, args.threads)
         try:
             theirs_text = asyncio.run(first_text(url, "llama.cpp", prompts[0], n))
-            print(f"llama.cpp greedy text == formerkit's: {theirs_text == first}", flush=True)
-            run_levels("llama.cpp server", url, "llama.cpp", prompts, args, levels, counts, results)
+            print(f"llama-cpp-python greedy text == formerkit's: {theirs_text == first}", flush=True)
+            run_levels("llama-cpp-python server", url, "llama.cpp", prompts, args, levels, counts, results)
         finally:
             stop(proc)
     base = [tok.encode(p) for p in prompts[:args.baseline_requests]]
@@ -377,8 +410,9 @@ def load_and_baselines(args, directory: Path, ours, theirs, tok, prompts: list[s
     ours_top = results[f"formerkit serve@{top}"]["tok_s"]
     line = (f"formerkit serve at concurrency {top}: {ours_top / results['hf_sequential']:.2f}x sequential "
             f"transformers, {ours_top / results['fk_sequential']:.2f}x sequential fk.generate")
-    if f"llama.cpp server@{top}" in results:
-        line += f", {ours_top / results[f'llama.cpp server@{top}']['tok_s']:.2f}x llama.cpp's server"
+    for name in ("llama-server -np 16", "llama-cpp-python server"):
+        if f"{name}@{top}" in results:
+            line += f", {ours_top / results[f'{name}@{top}']['tok_s']:.2f}x {name}"
     print(line)
 
 
