@@ -62,7 +62,7 @@ bench-decode: $(LLAMA_CPP_SRC)/convert_hf_to_gguf.py
 	$(PY) benchmarks/generate_throughput.py --models llama --batches 1,8 --new-tokens 128 --prompt-speed 512 --llamacpp
 
 # Serving load test against llama.cpp's own C++ server (docs/serving.md): builds llama-server from the same
-# source distribution (cmake, target llama-server only; 20-30 minutes on 2 cores, once) under .cache/llama-server.
+# source distribution (cmake, target llama-server only; about 10 minutes on 2 cores, once) under .cache/llama-server.
 LLAMA_SERVER_SRC := .cache/llama-server/src
 LLAMA_SERVER := $(LLAMA_SERVER_SRC)/build/bin/llama-server
 $(LLAMA_SERVER): $(LLAMA_CPP_SRC)/convert_hf_to_gguf.py

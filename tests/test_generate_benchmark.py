@@ -61,3 +61,17 @@ def test_int4_variant_and_its_weight_bytes(bench, tmp_path):
     groups = weights // 32
     # half a byte per weight; a scale (bf16: the model was converted) and a uint8 zero point per group
     assert bench.weight_bytes_per_token(int4) == weights // 2 + groups * (2 + 1)
+
+
+def test_decode_steps_alone_are_compared_with_llamacpp(bench, monkeypatch, capsys, tmp_path):
+    """With llama.cpp faked (its rate counts decode steps only), formerkit's steps are timed without the prefill."""
+    monkeypatch.setattr(bench.llamacpp, "available", lambda: None)
+    monkeypatch.setattr(bench.llamacpp, "convert", lambda directory, out, precision: tmp_path / f"{precision}.gguf")
+    monkeypatch.setattr(bench.llamacpp, "measure", lambda *a, **k: {"decode_tps": 100.0, "prompt_tps": 50.0})
+    monkeypatch.setattr(bench, "agreement", lambda *a, **k: 4)
+    out = bench.main(["--models", "llama-tiny", "--batches", "1", "--precisions", "fp32", "--new-tokens", "6",
+                      "--repeats", "1", "--llamacpp"])
+    ours = out["steps"][bench.Run("llama-tiny", 1, "fp32", "formerkit")]
+    assert ours > 0 and out["steps"][bench.Run("llama-tiny", 1, "fp32", "llama.cpp")] == 100.0
+    assert out["ratios"]["llama-tiny"][1, "fp32", "steps llama.cpp"] == pytest.approx(ours / 100.0)
+    assert "decode steps alone" in capsys.readouterr().out
