@@ -74,7 +74,7 @@ SHAPES = {"small": ("gpt2", 6, 384, 6, 6, 1536), "base": ("gpt2", 12, 768, 12, 1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
 TARGETS = {"small": 4.0, "base": 1.5}  # formerkit / transformers tokens/s at batch 1
 INT8_TARGET = 1.6  # formerkit int8 / formerkit fp32 on the base model
-LLAMACPP_TARGETS = {"fp32": 1.0, "bf16": 0.9, "int8": 0.9, "int4": 0.9}  # formerkit / llama.cpp (f32, bf16, q8_0) at batch 1
+LLAMACPP_TARGETS = {"fp32": 1.0, "bf16": 0.9, "int8": 0.9, "int4": 0.9}  # formerkit / llama.cpp at batch 1
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,4 @@ register(Repro(
     direction="min",
     run=run,
     item=3,
-    not_built="formerkit has no softmax-free attention; the layer is made linear with hooks on the model's "
-              "hook points (pattern = raw causal scores, norm divisor = 1, MLP output = 0)",
 ))

@@ -63,8 +63,9 @@ def _detail(result: dict[str, Any], runs: Path, seeds: list[dict[str, Any]]) -> 
             f"seed {r['seed']}: {r['value']:.4g}, {'held' if r['held'] else 'not held'}"
             + "".join(f" (failed: {c})" for c, ok in r["checks"].items() if not ok)
             for r in seeds if r is not result) + ".", ""]
-    if result.get("not_built"):
-        lines += [f"Not built: {result['not_built']}", ""]
+    not_built = REGISTRY[result["name"]].not_built  # the code's current description, not the run's copy
+    if not_built:
+        lines += [f"Not built: {not_built}", ""]
     if rows:
         lines.append("| " + " | ".join(str(c) for c in rows[0]) + " |")
         lines.append("|" + " --- |" * len(rows[0]))
