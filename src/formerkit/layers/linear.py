@@ -1,15 +1,20 @@
-"""``Linear``: ``nn.Linear`` whose few-row products on the CPU may run split across threads, as measured fastest.
+"""``Linear``: ``nn.Linear`` whose few-row products on the CPU run with the kernel measured fastest.
 
-Decoding multiplies one row (or a few) by every weight matrix. torch sends that to its BLAS,
-which on some CPUs runs a matrix-vector product on one thread: half the memory bandwidth of a
-2-core machine. The same product as one batched product over ``k`` slices of the output
-features, ``bmm`` (k, N, in) x (k, in, out/k), runs the slices on torch's threads; the weight is
-only viewed, never copied, and each output is the same dot product.
+Decoding multiplies one row (or a few) by every weight matrix. torch sends that to its BLAS as
+a matrix product with few rows, which on some CPUs runs on one thread (half the memory
+bandwidth of a 2-core machine) or with a poor blocking for so few rows. Two other forms of the
+same product, both on the weight as it is (viewed, never copied), can be faster:
 
-Which is faster depends on the machine, the dtype and the number of rows, so nothing is
-assumed: ``tune_linears(model)`` (run when generation starts) times both on the model's own
-weights, per dtype and row count, once per process and thread count, and ``Linear.forward``
-follows the table. Training, autograd and accelerators always take ``F.linear``.
+- "split": one ``bmm`` (k, N, in) x (k, in, out/k) over ``k`` slices of the output features (k =
+  torch's threads), so each thread reads its own slice of the weight;
+- "transposed": ``weight @ x.T`` (out, N), transposed back, so BLAS sees a tall product with
+  the few rows as its narrow side.
+
+Each output is the same dot product (the sums may round differently). Which is faster depends on
+the machine, the dtype and the number of rows, so nothing is assumed: ``tune_linears(model)`` (run
+when generation starts) times the three on the model's own weights, per dtype and row count, once
+per process and thread count, and ``Linear.forward`` follows the table. Training, autograd and
+accelerators always take ``F.linear``.
 """
 
 from __future__ import annotations
@@ -20,17 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FEW_ROWS = 16  # products with at most this many rows may be split; more rows go to BLAS's threaded gemm
+FEW_ROWS = 16  # products with at most this many rows may take another kernel; more rows go to BLAS's threaded gemm
+BUCKETS = (1, 4, FEW_ROWS)  # a choice is made per bucket: 1 row, 2-4 rows, 5-FEW_ROWS rows (probed at its size)
 PROBE_BYTES = 256 * 2**20  # time at most this many bytes of weights per pass (more than any L3 cache)
-MIN_GAIN = 1.1  # the split must be this much faster to replace F.linear
+MIN_GAIN = 1.1  # another kernel must be this much faster to replace F.linear
+KERNELS = ("linear", "split", "transposed")
 
-# (dtype, rows bucket, threads) -> slices (1: F.linear); filled by tune_linears
-_SPLITS: dict[tuple[torch.dtype, int, int], int] = {}
+# (dtype, rows bucket, threads) -> kernel name (one of KERNELS); filled by tune_linears
+_CHOICES: dict[tuple[torch.dtype, int, int], str] = {}
 
 
 def _bucket(rows: int) -> int:
-    """The row count a choice is made for: 1 (one sequence decoding) or FEW_ROWS (a small batch)."""
-    return 1 if rows == 1 else FEW_ROWS
+    """The row count a choice is made for: the first of ``BUCKETS`` that holds ``rows`` (rows <= FEW_ROWS)."""
+    return next(bucket for bucket in BUCKETS if rows <= bucket)
 
 
 def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, slices: int) -> torch.Tensor:
@@ -48,70 +55,92 @@ def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y.view(*x.shape[:-1], out)
 
 
+def transposed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` as ``(weight @ x.T).T``.
+
+    x (..., in), weight (out, in) in any layout; returns (..., out).
+    """
+    rows = x.reshape(-1, x.shape[-1])  # (N, in)
+    y = torch.mm(weight, rows.t()).t().contiguous()  # (N, out) from (out, N)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _product(kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed by ``kernel`` (split: over as many slices as torch has threads)."""
+    if kernel == "split":
+        return split_linear(x, weight, bias, torch.get_num_threads())
+    if kernel == "transposed":
+        return transposed_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, names and initialization) with the measured few-row CPU kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map x (..., in_features) to (..., out_features): F.linear, or its split form where measured faster."""
-        if _SPLITS and x.device.type == "cpu" and not torch.is_grad_enabled():
+        """Map x (..., in_features) to (..., out_features): F.linear, or the kernel measured faster for few rows."""
+        if _CHOICES and x.device.type == "cpu" and not torch.is_grad_enabled():
             rows = x.numel() // max(x.shape[-1], 1)
             if rows <= FEW_ROWS:
-                slices = _SPLITS.get((x.dtype, _bucket(rows), torch.get_num_threads()), 1)
-                if slices > 1 and self.out_features % slices == 0:
-                    return split_linear(x, self.weight, self.bias, slices)
+                threads = torch.get_num_threads()
+                kernel = _CHOICES.get((x.dtype, _bucket(rows), threads), "linear")
+                if kernel == "transposed" or (kernel == "split" and self.out_features % threads == 0):
+                    return _product(kernel, x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
-def _pass_seconds(layers: list[Linear], rows: int, slices: int, dtype: torch.dtype) -> float:
-    """Seconds of one product of ``rows`` rows with every layer's weight: best of 3 passes."""
+def _pass_seconds(layers: list[Linear], rows: int, kernel: str, dtype: torch.dtype) -> float:
+    """Seconds of one product of ``rows`` rows with every layer's weight by ``kernel``: best of 3 passes."""
     inputs = {n: torch.randn(rows, n, dtype=dtype) for n in {m.in_features for m in layers}}
     best = float("inf")
     for _ in range(4):  # the first pass warms up
         start = time.perf_counter()
         for m in layers:
-            x = inputs[m.in_features]
-            if slices > 1:
-                split_linear(x, m.weight, None, slices)
-            else:
-                F.linear(x, m.weight)
+            _product(kernel, inputs[m.in_features], m.weight, None)
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def tune_linears(model: nn.Module) -> dict[tuple[torch.dtype, int, int], int]:
-    """Choose, once per dtype, row bucket and thread count, whether ``model``'s CPU ``Linear``s split their products.
+def tune_linears(model: nn.Module) -> dict[tuple[torch.dtype, int, int], str]:
+    """Choose, once per dtype, row bucket and thread count, the kernel of ``model``'s few-row CPU ``Linear`` products.
 
-    Times one pass over the model's own weights (up to ``PROBE_BYTES``) with ``F.linear`` and
-    with ``split_linear`` over as many slices as torch has threads, at 1 row and at
-    ``FEW_ROWS`` rows; the split is kept where it is ``MIN_GAIN`` times faster. Does nothing
-    for a model on an accelerator, with one thread, or without ``Linear`` layers. Returns the
-    whole table of choices: (dtype, rows, threads) -> slices (1: ``F.linear``).
+    Times one pass over the model's own weights (up to ``PROBE_BYTES``) with ``F.linear``, the
+    transposed product and (with 2 threads or more) the split one, at each of ``BUCKETS`` rows;
+    the fastest other kernel is kept where it is ``MIN_GAIN`` times faster than
+    ``F.linear``. Does nothing for a model on an accelerator or without ``Linear`` layers.
+    Returns the whole table of choices: (dtype, rows, threads) -> kernel name.
     """
     threads = torch.get_num_threads()
-    first = next(model.parameters(), None)
-    if first is not None and all((first.dtype, bucket, threads) in _SPLITS for bucket in (1, FEW_ROWS)):
-        return dict(_SPLITS)  # measured already (the common case: every call after the first)
     layers = [m for m in model.modules() if isinstance(m, Linear) and m.weight.device.type == "cpu"
-              and m.weight.is_floating_point() and m.out_features % threads == 0]
-    if threads < 2 or not layers:
-        return dict(_SPLITS)
+              and m.weight.is_floating_point()]
+    if not layers:
+        return dict(_CHOICES)
     dtype = layers[0].weight.dtype
-    if all((dtype, bucket, threads) in _SPLITS for bucket in (1, FEW_ROWS)):
-        return dict(_SPLITS)
+    if all((dtype, bucket, threads) in _CHOICES for bucket in BUCKETS):
+        return dict(_CHOICES)  # measured already (the common case: every call after the first)
+    if threads > 1:
+        layers = [m for m in layers if m.out_features % threads == 0]  # the split needs equal slices
     chosen, total = [], 0
     for m in sorted(layers, key=lambda m: -m.weight.numel()):
         if total >= PROBE_BYTES:
             break
         chosen.append(m)
         total += m.weight.numel() * m.weight.element_size()
+    candidates = ("transposed", "split") if threads > 1 and chosen else ("transposed",)
     with torch.no_grad():
-        for bucket in (1, FEW_ROWS):
-            plain = _pass_seconds(chosen, bucket, 1, dtype)
-            split = _pass_seconds(chosen, bucket, threads, dtype)
-            _SPLITS[dtype, bucket, threads] = threads if plain >= MIN_GAIN * split else 1
-    return dict(_SPLITS)
+        for bucket in BUCKETS:
+            if not chosen:
+                _CHOICES[dtype, bucket, threads] = "linear"
+                continue
+            plain = _pass_seconds(chosen, bucket, "linear", dtype)
+            seconds = {kernel: _pass_seconds(chosen, bucket, kernel, dtype) for kernel in candidates}
+            best = min(seconds, key=seconds.get)
+            _CHOICES[dtype, bucket, threads] = best if plain >= MIN_GAIN * seconds[best] else "linear"
+    return dict(_CHOICES)
 
 
-def linear_choices() -> dict[tuple[torch.dtype, int, int], int]:
-    """The choices made so far in this process: (dtype, rows bucket, threads) -> slices (1: ``F.linear``)."""
-    return dict(_SPLITS)
+def linear_choices() -> dict[tuple[torch.dtype, int, int], str]:
+    """The choices made so far in this process: (dtype, rows bucket, threads) -> kernel name (``KERNELS``)."""
+    return dict(_CHOICES)
