@@ -4,7 +4,7 @@ The sdpa backend calls ``torch.nn.functional.scaled_dot_product_attention``; the
 backend materializes the scores and probabilities so ``hook_attn_scores`` and ``hook_pattern``
 can see them. A layer switches to eager on its own while either of them has a hook registered.
 ``hook_result`` (each head's share of the output, (B, T, H, d_model)) is computed only while it
-has a hook: the output projection then runs once per head.
+has a hook: one einsum over the heads for a plain projection, the projection once per head otherwise.
 
 Variants (``ModelConfig.attn_type``, ``attn_gate``; tensor code in ``attention_variants``): clipped
 softmax (always eager), linear attention (self-attention; a ``LinearKV`` cache entry holds its running
@@ -162,10 +162,17 @@ class Attention(nn.Module):
     def _per_head_output(self, z: torch.Tensor) -> torch.Tensor:
         """The output projection of z (B, T, H, D) as a sum of per-head results, passed through ``hook_result``.
 
-        Head h's result is ``out`` applied to z with every other head zeroed, less ``out`` of zeros (the
-        bias), so it holds for any projection module (int8, adapters). Returns (B, T, d_model).
+        For a plain ``Linear`` head h's result is z[..., h, :] times its D columns of the weight (one
+        einsum). For any other projection module (int8, adapters) it is ``out`` applied to z with every
+        other head zeroed, less ``out`` of zeros (the bias): H times the products, but exact for any
+        module. Returns (B, T, d_model).
         """
         B, T, H, D = z.shape
+        if type(self.out) in (Linear, nn.Linear):
+            w_o = self.out.weight.view(-1, H, D)  # (d_model, H, D)
+            result = self.hook_result(torch.einsum("bthd,mhd->bthm", z, w_o))  # (B, T, H, d_model)
+            out = result.sum(dim=2)
+            return out + self.out.bias if self.out.bias is not None else out
         alone = torch.eye(H, dtype=z.dtype, device=z.device)  # (H, H): row h keeps head h
         spread = z.unsqueeze(2) * alone.view(1, 1, H, H, 1)  # (B, T, H, H, D)
         baseline = self.out(z.new_zeros(1, H * D))  # (1, d_model): the bias, or zeros
