@@ -108,3 +108,18 @@ def test_on_one_thread_only_the_transposed_product_is_measured(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert set(measured) == {"linear", "transposed"}
+
+
+def test_without_layers_that_split_evenly_only_the_transposed_product_is_measured(monkeypatch):
+    monkeypatch.setattr(linear, "_CHOICES", {})
+    measured = []
+    monkeypatch.setattr(linear, "_pass_seconds", lambda layers, rows, k, dtype: measured.append(k) or 1.0)
+    model = _model()
+    assert all(m.out_features % 3 for m in model.modules() if isinstance(m, Linear))  # none splits in 3
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        tune_linears(model)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(measured) == {"linear", "transposed"}

@@ -120,20 +120,16 @@ def tune_linears(model: nn.Module) -> dict[tuple[torch.dtype, int, int], str]:
     dtype = layers[0].weight.dtype
     if all((dtype, bucket, threads) in _CHOICES for bucket in BUCKETS):
         return dict(_CHOICES)  # measured already (the common case: every call after the first)
-    if threads > 1:
-        layers = [m for m in layers if m.out_features % threads == 0]  # the split needs equal slices
+    divisible = [m for m in layers if m.out_features % threads == 0] if threads > 1 else []  # the split's
+    candidates = ("transposed", "split") if divisible else ("transposed",)  # slices must be equal
     chosen, total = [], 0
-    for m in sorted(layers, key=lambda m: -m.weight.numel()):
+    for m in sorted(divisible or layers, key=lambda m: -m.weight.numel()):
         if total >= PROBE_BYTES:
             break
         chosen.append(m)
         total += m.weight.numel() * m.weight.element_size()
-    candidates = ("transposed", "split") if threads > 1 and chosen else ("transposed",)
     with torch.no_grad():
         for bucket in BUCKETS:
-            if not chosen:
-                _CHOICES[dtype, bucket, threads] = "linear"
-                continue
             plain = _pass_seconds(chosen, bucket, "linear", dtype)
             seconds = {kernel: _pass_seconds(chosen, bucket, kernel, dtype) for kernel in candidates}
             best = min(seconds, key=seconds.get)
