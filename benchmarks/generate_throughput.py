@@ -226,6 +226,27 @@ def measure(models: dict, prompts: dict[int, torch.Tensor], name: str, new_token
     return decode, prefill, steps
 
 
+def _table(title: str, rates: dict[Run, float], batches: bool, ratios: dict, key: str,
+           bound_per_row: dict[str, float] | None) -> None:
+    """Print one table: formerkit's tokens/s per (batch,) precision beside transformers' and llama.cpp's, ratios
+    (recorded in ``ratios`` under (batch, precision, key + library)) and, with ``bound_per_row``
+    (precision -> tokens/s of one row at the bandwidth bound), the bound and formerkit's share of it."""
+    bound_head = f" {'bound':>8} {'% of bound':>11}" if bound_per_row else ""
+    print(f"{'batch' if batches else '':>5} {'precision':>9} {'formerkit':>10} {'transformers':>13} {'ratio':>6} "
+          f"{'llama.cpp':>10} {'ratio':>6}{bound_head}   ({title})")
+    for run in sorted((r for r in rates if r.library == "formerkit"), key=lambda r: (r.batch, r.precision)):
+        ours = rates[run]
+        line = f"{run.batch if batches else '':>5} {run.precision:>9} {ours:10.1f}"
+        for library, width in (("transformers", 13), ("llama.cpp", 10)):
+            theirs = rates.get(Run(run.model, run.batch, run.precision, library))
+            ratios[run.batch, run.precision, key + library] = ours / theirs if theirs else None
+            line += f" {theirs:{width}.1f} {ours / theirs:5.2f}x" if theirs else f" {'-':>{width}} {'-':>6}"
+        if bound_per_row:
+            bound = run.batch * bound_per_row[run.precision]
+            line += f" {bound:8.1f} {ours / bound:10.0%}"
+        print(line)
+
+
 def report(name: str, best: dict[Run, float], prefill: dict[Run, float], bandwidth: float,
            weight_bytes: dict[str, int], steps: dict[Run, float] | None = None) -> dict:
     """Print one model's tables (decode and prompt tokens/s per library, ratios, bound); return the ratios.
@@ -236,38 +257,13 @@ def report(name: str, best: dict[Run, float], prefill: dict[Run, float], bandwid
     """
     _, n_layers, d_model, *_ = SHAPES[name]
     print(f"\n{name}: {n_layers} layers, d_model {d_model}, vocab {VOCAB}")
-    print(f"{'batch':>5} {'precision':>9} {'formerkit':>10} {'transformers':>13} {'ratio':>6} {'llama.cpp':>10} "
-          f"{'ratio':>6} {'bound':>8} {'% of bound':>11}   (decode tokens/s)")
-    ratios = {}
-    for run in sorted((r for r in best if r.library == "formerkit"), key=lambda r: (r.batch, r.precision)):
-        ours, line = best[run], f"{run.batch:5d} {run.precision:>9} {best[run]:10.1f}"
-        for library, width in (("transformers", 13), ("llama.cpp", 10)):
-            theirs = best.get(Run(run.model, run.batch, run.precision, library))
-            ratios[run.batch, run.precision, library] = ours / theirs if theirs else None
-            line += f" {theirs:{width}.1f} {ours / theirs:5.2f}x" if theirs else f" {'-':>{width}} {'-':>6}"
-        bound = run.batch * bandwidth / weight_bytes[run.precision]
-        print(f"{line} {bound:8.1f} {ours / bound:10.0%}")
+    per_row = {precision: bandwidth / size for precision, size in weight_bytes.items()}
+    ratios: dict = {}
+    _table("decode tokens/s", best, True, ratios, "", per_row)
     if prefill:
-        print(f"{'':>5} {'precision':>9} {'formerkit':>10} {'transformers':>13} {'ratio':>6} {'llama.cpp':>10} "
-              f"{'ratio':>6}   (prompt tokens/s, batch 1)")
-        for run in sorted((r for r in prefill if r.library == "formerkit"), key=lambda r: r.precision):
-            ours, line = prefill[run], f"{'':>5} {run.precision:>9} {prefill[run]:10.1f}"
-            for library, width in (("transformers", 13), ("llama.cpp", 10)):
-                theirs = prefill.get(Run(run.model, 1, run.precision, library))
-                ratios[1, run.precision, f"prompt {library}"] = ours / theirs if theirs else None
-                line += f" {theirs:{width}.1f} {ours / theirs:5.2f}x" if theirs else f" {'-':>{width}} {'-':>6}"
-            print(line)
+        _table("prompt tokens/s, batch 1", prefill, False, ratios, "prompt ", None)
     if steps:
-        print(f"{'':>5} {'precision':>9} {'formerkit':>10} {'transformers':>13} {'ratio':>6} {'llama.cpp':>10} "
-              f"{'ratio':>6} {'bound':>8} {'% of bound':>11}   (decode steps alone, tokens/s, batch 1)")
-        for run in sorted((r for r in steps if r.library == "formerkit"), key=lambda r: r.precision):
-            ours, line = steps[run], f"{'':>5} {run.precision:>9} {steps[run]:10.1f}"
-            for library, width in (("transformers", 13), ("llama.cpp", 10)):
-                theirs = steps.get(Run(run.model, 1, run.precision, library))
-                ratios[1, run.precision, f"steps {library}"] = ours / theirs if theirs else None
-                line += f" {theirs:{width}.1f} {ours / theirs:5.2f}x" if theirs else f" {'-':>{width}} {'-':>6}"
-            bound = bandwidth / weight_bytes[run.precision]
-            print(f"{line} {bound:8.1f} {ours / bound:10.0%}")
+        _table("decode steps alone, tokens/s, batch 1", steps, False, ratios, "steps ", per_row)
     return ratios
 
 

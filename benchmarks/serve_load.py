@@ -376,27 +376,12 @@ def load_and_baselines(args, directory: Path, ours, theirs, tok, prompts: list[s
     gguf = None if converter_missing else llamacpp.convert(directory, directory / "model-f32.gguf", "fp32")
     why = converter_missing or (None if args.llama_server.is_file() else f"no binary at {args.llama_server}; "
                                 "make bench-serve builds it")
-    if why:
-        print(f"llama-server skipped: {why}")
-    else:
-        proc, url = llama_server(args.llama_server, gguf, args.threads)
-        try:
-            theirs_text = asyncio.run(first_text(url, "llama-server", prompts[0], n))
-            print(f"llama-server greedy text == formerkit's: {theirs_text == first}", flush=True)
-            run_levels("llama-server -np 16", url, "llama-server", prompts, args, levels, counts, results)
-        finally:
-            stop(proc)
+    reference_levels("llama-server -np 16", "llama-server", why,
+                     lambda: llama_server(args.llama_server, gguf, args.threads), first, prompts, args, levels, counts,
+                     results)
     why = "--no-llamacpp" if args.no_llamacpp else converter_missing or server_missing()
-    if why:
-        print(f"llama-cpp-python's server skipped: {why}")
-    else:
-        proc, url = llamacpp_server(gguf, args.threads)
-        try:
-            theirs_text = asyncio.run(first_text(url, "llama.cpp", prompts[0], n))
-            print(f"llama-cpp-python greedy text == formerkit's: {theirs_text == first}", flush=True)
-            run_levels("llama-cpp-python server", url, "llama.cpp", prompts, args, levels, counts, results)
-        finally:
-            stop(proc)
+    reference_levels("llama-cpp-python server", "llama.cpp", why, lambda: llamacpp_server(gguf, args.threads),
+                     first, prompts, args, levels, counts, results)
     base = [tok.encode(p) for p in prompts[:args.baseline_requests]]
     with torch.no_grad():
         results["fk_sequential"] = sequential(
@@ -414,6 +399,21 @@ def load_and_baselines(args, directory: Path, ours, theirs, tok, prompts: list[s
         if f"{name}@{top}" in results:
             line += f", {ours_top / results[f'{name}@{top}']['tok_s']:.2f}x {name}"
     print(line)
+
+
+def reference_levels(name: str, server: str, why: str | None, start, first: str, prompts: list[str], args,
+                     levels: list[int], counts: list[int], results: dict) -> None:
+    """The load levels against one llama.cpp server (``start()`` -> (process, url)), or why it is skipped."""
+    if why:
+        print(f"{name} skipped: {why}")
+        return
+    proc, url = start()
+    try:
+        theirs_text = asyncio.run(first_text(url, server, prompts[0], args.new_tokens))
+        print(f"{name} greedy text == formerkit's: {theirs_text == first}", flush=True)
+        run_levels(name, url, server, prompts, args, levels, counts, results)
+    finally:
+        stop(proc)
 
 
 def server_missing() -> str | None:

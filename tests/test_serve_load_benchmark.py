@@ -68,4 +68,4 @@ def test_tiny_load_run_without_llamacpp(bench, tmp_path, capsys):
     assert out["greedy_equal"] is True
     assert out["formerkit serve@2"]["failed"] == 0 and out["formerkit serve@2"]["tok_s"] > 0
     assert out["fk_sequential"] > 0 and out["hf_sequential"] > 0
-    assert "llama-server skipped" in capsys.readouterr().out
+    assert "llama-server -np 16 skipped" in capsys.readouterr().out
