@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import formerkit as fk
-from conftest import ScriptedTokens
+from conftest import ScriptedTokens, require
 from formerkit.generate import GenerationConfig, beam_search, generate, generate_text, stream
 from formerkit.generate.config import special_ids, with_options
 
@@ -129,7 +129,7 @@ def test_encoder_decoder_checkpoints_stop_at_their_eos_untold(preset, eos, tmp_p
     script.calls = 0
     beams = beam_search(loaded, [[5, 6, 7]], num_beams=2, max_new_tokens=10)
     assert beams.sequences.tolist() == [[loaded.config.decoder_start_token_id, 10, 11, 12, eos]]
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     reference = transformers.GenerationConfig.from_model_config(transformers.AutoConfig.from_pretrained(tmp_path))
     ids = special_ids(GenerationConfig(), loaded.config)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import formerkit as fk
+from conftest import require
 from formerkit.interp import get_act_name, run_with_cache, run_with_hooks
 from formerkit.interp import patching as P
 
@@ -213,7 +214,7 @@ class TLView:
 
 @pytest.mark.parametrize("fn", [*SWEEPS, "get_act_patch_block_every"])
 def test_sweep_equals_transformerlens_patching(setup, fn):
-    tl_patching = pytest.importorskip("transformer_lens.patching")
+    tl_patching = require("transformer_lens.patching")
     model, corrupted, cache = setup
     expected = getattr(tl_patching, fn)(TLView(model), corrupted, cache, metric)
     got = getattr(P, fn)(model, corrupted, cache, metric, batch_size=16)

@@ -24,10 +24,11 @@ import pytest
 import torch
 
 import formerkit as fk
+from conftest import require
 from formerkit.generate.text import generate_text
 
-pytest.importorskip("fastapi")
-httpx = pytest.importorskip("httpx")
+require("fastapi")  # the serve extra: make installs it, so CI fails rather than skips without it
+httpx = require("httpx")
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, vocab_size=259, max_seq_len=64,
